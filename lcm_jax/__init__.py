@@ -1,0 +1,1 @@
+"""Latent Consistency Models in JAX/Flax."""
