@@ -128,3 +128,104 @@ def flax_to_torch(params: Params) -> dict[str, np.ndarray]:
 def _unfreeze(tree: Params) -> dict:
     from flax.core import unfreeze
     return unfreeze(tree) if hasattr(tree, "unfreeze") else tree
+
+
+# --------------------------------------------------------------------------- files
+
+TORCH_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers, transformers
+FLAX_WEIGHT_NAMES = ("diffusion_flax_model.msgpack", "flax_model.msgpack")
+
+
+def read_config(folder: str, name: str = "config.json") -> dict:
+    """A component's JSON config, with an error naming the folder when it is not there."""
+    import json
+    import os
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder!r} has no {name}: expected a diffusers-layout component "
+                                f"folder ({name} + *.safetensors or *.msgpack weights)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _find_weight_files(folder: str, variant: str | None) -> tuple[str, list[str]]:
+    """('torch', [safetensors files]) or ('flax', [msgpack file]) for a component folder."""
+    import json
+    import os
+    suffixes = ([f".{variant}"] if variant else []) + [""]
+    for suffix in suffixes:
+        for base in TORCH_WEIGHT_NAMES:
+            single = os.path.join(folder, f"{base}{suffix}.safetensors")
+            if os.path.isfile(single):
+                return "torch", [single]
+            index = os.path.join(folder, f"{base}{suffix}.safetensors.index.json")
+            if os.path.isfile(index):
+                with open(index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                return "torch", [os.path.join(folder, s) for s in shards]
+    for name in FLAX_WEIGHT_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return "flax", [path]
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder does not exist"
+    raise FileNotFoundError(
+        f"no weights in {folder!r} (found: {present}); expected one of "
+        f"{[b + '.safetensors' for b in TORCH_WEIGHT_NAMES]}, a sharded "
+        f"'*.safetensors.index.json', an fp16 variant, or {list(FLAX_WEIGHT_NAMES)}")
+
+
+def load_params(folder: str, target: Params, *, allow_missing: Iterable[tuple[str, ...]] = (),
+                variant: str | None = None) -> tuple[Params, list[tuple[str, ...]]]:
+    """Load a component's weights (safetensors or Flax msgpack) strictly onto ``target``'s tree.
+
+    ``target`` gives the expected structure and shapes (``jax.eval_shape`` of the init).
+    Returns float32 numpy params and the ``allow_missing`` paths the file lacked.
+    """
+    kind, files = _find_weight_files(folder, variant)
+    if kind == "torch":
+        from safetensors.numpy import load_file
+        state = {}
+        for f in files:
+            try:
+                state.update(load_file(f))
+            except Exception as e:  # name the file; keep the cause
+                raise WeightsError(f"cannot read safetensors file {f!r}: {e}") from e
+        state = {k: v.astype(np.float32) for k, v in state.items()}
+        return torch_to_flax(state, target, allow_missing)
+    from flax import serialization
+    with open(files[0], "rb") as f:
+        try:
+            tree = serialization.msgpack_restore(f.read())
+        except Exception as e:
+            raise WeightsError(f"cannot read msgpack file {files[0]!r}: {e}") from e
+    return check_tree(tree, target, allow_missing, source=files[0])
+
+
+def check_tree(tree: Params, target: Params, allow_missing: Iterable[tuple[str, ...]] = (),
+               source: str = "params") -> tuple[Params, list[tuple[str, ...]]]:
+    """Strictly match a Flax params tree to ``target``; one error lists every difference."""
+    allow_missing = {tuple(p) for p in allow_missing}
+    flat, ref = traverse_util.flatten_dict(_unfreeze(tree)), traverse_util.flatten_dict(_unfreeze(target))
+    missing = [p for p in ref if p not in flat and p not in allow_missing]
+    unexpected = [p for p in flat if p not in ref]
+    shapes = [f"{'/'.join(p)}: {tuple(np.shape(flat[p]))} vs {tuple(ref[p].shape)}"
+              for p in ref if p in flat and tuple(np.shape(flat[p])) != tuple(ref[p].shape)]
+    if missing or unexpected or shapes:
+        fmt = lambda ps: ", ".join("/".join(p) for p in ps)  # noqa: E731
+        raise WeightsError(f"{source} does not match the model:\n  missing ({len(missing)}): {fmt(missing)}"
+                           f"\n  unexpected ({len(unexpected)}): {fmt(unexpected)}"
+                           f"\n  shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
+    params = {p: np.asarray(v, np.float32) for p, v in flat.items()}
+    return traverse_util.unflatten_dict(params), [p for p in ref if p not in flat]
+
+
+def save_params(folder: str, params: Params, config: dict, weights_name: str) -> None:
+    """Write ``config.json`` and ``<weights_name>.safetensors`` exactly as diffusers/transformers do."""
+    import json
+    import os
+    from safetensors.numpy import save_file
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(flax_to_torch(params), os.path.join(folder, f"{weights_name}.safetensors"),
+              metadata={"format": "pt"})
