@@ -1,0 +1,48 @@
+"""Keys every training config has (DESIGN.md, "Configs"); experiments override values."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "lcd"                  # lcd (distil from a teacher) | lcf (consistency fine-tuning)
+    c.pretrained = ""               # diffusers-layout pipeline folder: the teacher (lcd) or an LCM (lcf)
+    c.tiny_teacher = False          # make a tiny random teacher at WORKDIR/teacher when pretrained == ""
+    c.num_steps = 1000
+    c.batch_size = 8                # global
+    c.learning_rate = 1e-4
+    c.warmup_steps = 0
+    c.adam_b1, c.adam_b2, c.adam_eps, c.weight_decay = 0.9, 0.999, 1e-8, 0.0
+    c.grad_clip = 1.0               # global-norm clip; 0 disables
+    c.grad_accum = 1                # micro-batches per optimizer step (optax.MultiSteps)
+    c.seed = 0
+    c.dtype = "float32"             # compute dtype: float32 | bfloat16 (master params stay float32)
+    c.remat = "none"                # none | block | full
+    c.time_cond_proj_dim = 256      # student's omega-embedding width
+    c.cond_proj_init = "zeros"      # zeros (student starts as the teacher) | default (diffusers' Linear init)
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.log_every = 50
+    c.sample_every = 0              # 0: only at the end
+    c.sample_prompts = ("a photo of a cat",)
+    c.sample_steps = (1, 2, 4)
+    c.sample_guidance = 8.0
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "digits"        # digits | folder
+    c.data.path = ""
+    c.data.resolution = 32
+    c.data.center_crop = True
+    c.data.random_flip = False
+    c.data.caption_dropout = 0.0    # probability of the empty prompt (the unconditional embedding)
+
+    c.lcd = ml_collections.ConfigDict()
+    c.lcd.num_ddim_timesteps = 50   # N; skipping step k = T // N
+    c.lcd.omega_min = 2.0           # omega = w - 1, one value per example ~ U[omega_min, omega_max]
+    c.lcd.omega_max = 14.0
+    c.lcd.solver = "ddim"           # ddim | dpm | dpm++  (the ODE solver Psi)
+    c.lcd.loss = "l2"               # l2 | huber
+    c.lcd.huber_c = 0.001           # pseudo-Huber c; <= 0 uses iCT's 0.00054 * sqrt(d)
+    c.lcd.ema_decay = 0.999943      # mu of the target theta^-
+    return c
