@@ -1,29 +1,11 @@
-"""CLIP tokenizer: load the checkpoint's tokenizer/ folder; build a small word-level one offline."""
+"""A small word-level CLIPTokenizer built offline (loading one: lcm_jax.models.clip)."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Sequence
 
-import numpy as np
-
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
-
-
-def load_tokenizer(folder: str):
-    """transformers' CLIPTokenizer from a pipeline's ``tokenizer/`` folder."""
-    from transformers import CLIPTokenizer
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist: expected a CLIPTokenizer "
-                                "folder (vocab.json + merges.txt, or tokenizer.json)")
-    return CLIPTokenizer.from_pretrained(folder)
-
-
-def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> np.ndarray:
-    """Token ids [B, L], padded/truncated to ``max_length`` as diffusers' pipelines do."""
-    ids = tokenizer(list(prompts), padding="max_length", truncation=True,
-                    max_length=max_length or tokenizer.model_max_length, return_tensors="np").input_ids
-    return ids.astype(np.int32)
 
 
 def build_word_tokenizer(folder: str, words: Sequence[str], model_max_length: int = 77):

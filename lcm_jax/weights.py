@@ -67,7 +67,14 @@ def _to_torch(leaf: str, a: np.ndarray) -> np.ndarray:
 
 
 def _legacy_aliases(key: str) -> Iterable[str]:
-    """Older diffusers VAE checkpoints name the mid-block attention query/key/value/proj_attn."""
+    """Other spellings of ``key`` in circulation.
+
+    Older diffusers VAE checkpoints name the mid-block attention query/key/value/proj_attn;
+    transformers >= 5 saves CLIPTextModel without the ``text_model.`` prefix that the
+    published checkpoints (and transformers 4) use.
+    """
+    if key.startswith("text_model."):
+        yield key[len("text_model."):]
     for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
         if f".{new}." in key:
             yield key.replace(f".{new}.", f".{old}.")

@@ -9,3 +9,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Compile fast (as the flax examples do in tests); numerics stay fp32-exact.
+jax.config.update("jax_disable_most_optimizations", True)

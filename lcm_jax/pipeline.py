@@ -1,0 +1,292 @@
+"""LCMPipeline: a diffusers-layout folder in, images out, with one jitted function per sampler.
+
+Components (diffusers layout): unet/ vae/ text_encoder/ tokenizer/ scheduler/ (+ model_index.json).
+A UNet with ``time_cond_proj_dim`` (an LCM) takes guidance through the embedding of
+omega = guidance_scale - 1 and runs no CFG batch; a plain UNet runs classifier-free guidance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax import sampling, weights
+from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel, load_tokenizer, tokenize
+from lcm_jax.models.embeddings import guidance_embedding
+from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from lcm_jax.models.vae import AutoencoderKL, VAEConfig
+from lcm_jax.schedules import NoiseSchedule, lcm_timesteps
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SCHEDULERS = ("lcm", "ddim", "dpm", "dpm++")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose loaders read what we write
+
+
+def resolve_dtype(dtype: Union[str, Any]) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported: expected one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def check_pipeline_folder(path: str) -> None:
+    """A clear error unless ``path`` is a diffusers-layout pipeline folder."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"pretrained path {path!r} is not a folder: expected a diffusers-layout "
+                                f"pipeline folder with {', '.join(c + '/' for c in COMPONENTS)}")
+    missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise FileNotFoundError(f"{path!r} is not a complete pipeline folder: missing "
+                                f"{', '.join(c + '/' for c in missing)} (expected {', '.join(c + '/' for c in COMPONENTS)})")
+
+
+def _init_shapes(module, *args, method=None):
+    """Param shapes of ``module`` without allocating (for strict weight loading)."""
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, method=method))["params"]
+
+
+def unet_shapes(unet: UNet2DConditionModel) -> Any:
+    cfg = unet.config
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    cross = cfg.cross_attention_dims[0]
+    cond = None if cfg.time_cond_proj_dim is None else jnp.zeros((1, cfg.time_cond_proj_dim))
+    return _init_shapes(unet, jnp.zeros((1, cfg.in_channels, f, f)), jnp.zeros((1,), jnp.int32),
+                        jnp.zeros((1, 1, cross)), cond)
+
+
+def vae_shapes(vae: AutoencoderKL) -> Any:
+    size = 2 * vae.config.downsample_factor
+    return _init_shapes(vae, jnp.zeros((1, vae.config.in_channels, size, size)))
+
+
+def text_shapes(te: CLIPTextModel) -> Any:
+    return _init_shapes(te, jnp.zeros((1, 1), jnp.int32))
+
+
+@dataclasses.dataclass
+class LCMPipeline:
+    """Params are plain pytrees; the modules are stateless Flax definitions."""
+
+    unet: UNet2DConditionModel
+    unet_params: Any
+    vae: AutoencoderKL
+    vae_params: Any
+    text_encoder: CLIPTextModel
+    text_params: Any
+    tokenizer: Any
+    scheduler_config: dict
+    dtype: Any = jnp.float32
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ loading / saving
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Union[str, Any] = "float32", *,
+                        unet_overrides: Optional[dict] = None,
+                        zero_init_cond_proj: bool = True) -> "LCMPipeline":
+        """Load a diffusers-layout folder. ``unet_overrides`` (e.g. ``{"time_cond_proj_dim": 256}``)
+        builds a student from a teacher: params the file lacks because of the override (only
+        ``time_embedding/cond_proj``) are initialised, zero by default; anything else is strict."""
+        dtype = resolve_dtype(dtype)
+        check_pipeline_folder(path)
+        unet_cfg = weights.read_config(os.path.join(path, "unet"))
+        unet_cfg = UNetConfig.from_diffusers_config({**unet_cfg, **(unet_overrides or {})})
+        unet = UNet2DConditionModel(unet_cfg, dtype=dtype, zero_init_cond_proj=zero_init_cond_proj)
+        new_cond_proj = [("time_embedding", "cond_proj", "kernel")] if unet_overrides else []
+        unet_params, missing = weights.load_params(os.path.join(path, "unet"), unet_shapes(unet),
+                                                   allow_missing=new_cond_proj)
+        if missing:
+            init = unet.init(jax.random.PRNGKey(0), *_unet_dummy(unet_cfg))["params"]
+            unet_params["time_embedding"]["cond_proj"] = jax.device_get(init["time_embedding"]["cond_proj"])
+
+        vae = AutoencoderKL(VAEConfig.from_diffusers_config(weights.read_config(os.path.join(path, "vae"))),
+                            dtype=dtype)
+        vae_params, _ = weights.load_params(os.path.join(path, "vae"), vae_shapes(vae))
+        te_cfg = CLIPTextConfig.from_transformers_config(
+            weights.read_config(os.path.join(path, "text_encoder")))
+        text_encoder = CLIPTextModel(te_cfg, dtype=dtype)
+        text_params, _ = weights.load_params(os.path.join(path, "text_encoder"), text_shapes(text_encoder))
+        tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+        sched = weights.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
+        NoiseSchedule.from_scheduler_config(sched)  # validate now, not at the first call
+        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype)
+
+    @property
+    def is_lcm(self) -> bool:
+        return self.unet.config.time_cond_proj_dim is not None
+
+    def save_pretrained(self, out_dir: str, unet_params: Any = None) -> None:
+        """Write a folder diffusers' own pipelines load (LatentConsistencyModelPipeline for an
+        LCM UNet, StableDiffusionPipeline otherwise)."""
+        os.makedirs(out_dir, exist_ok=True)
+        weights.save_params(os.path.join(out_dir, "unet"), self.unet_params if unet_params is None else unet_params,
+                            self.unet.config.to_diffusers_config(), "diffusion_pytorch_model")
+        weights.save_params(os.path.join(out_dir, "vae"), self.vae_params, self.vae.config.to_diffusers_config(),
+                            "diffusion_pytorch_model")
+        weights.save_params(os.path.join(out_dir, "text_encoder"), self.text_params,
+                            self.text_encoder.config.to_transformers_config(), "model")
+        self.tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+        sched = dict(self.scheduler_config)
+        sched_class = "LCMScheduler" if self.is_lcm else sched.get("_class_name", "DDIMScheduler")
+        sched.update(_class_name=sched_class, _diffusers_version=DIFFUSERS_VERSION)
+        if self.is_lcm:
+            sched.setdefault("original_inference_steps", 50)
+            sched.setdefault("timestep_scaling", 10.0)
+        os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+        with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(sched, f, indent=2, sort_keys=True)
+        index = {
+            "_class_name": "LatentConsistencyModelPipeline" if self.is_lcm else "StableDiffusionPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", sched_class], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False,
+        }
+        with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+    # ------------------------------------------------------------------ conditioning
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_scheduler_config(self.scheduler_config)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """Text-encoder last hidden states [B, L, D] for the prompts (float32)."""
+        ids = tokenize(self.tokenizer, prompts)
+        if "text" not in self._compiled:
+            te = self.text_encoder
+            self._compiled["text"] = jax.jit(
+                lambda p, ids: te.apply({"params": p}, ids).last_hidden_state)
+        return self._compiled["text"](self.text_params, jnp.asarray(ids))
+
+    # ------------------------------------------------------------------ sampling
+
+    def __call__(self, prompt: Union[str, Sequence[str]], num_inference_steps: int = 4,
+                 guidance_scale: float = 8.0, scheduler: str = "lcm", height: Optional[int] = None,
+                 width: Optional[int] = None, seed: int = 0, latents: Optional[np.ndarray] = None,
+                 num_images_per_prompt: int = 1, output_type: str = "uint8",
+                 _noises: Optional[np.ndarray] = None) -> np.ndarray:
+        """Images for the prompts: uint8 [N, H, W, 3] (``output_type="np"``: float32 in [0, 1]).
+
+        N = len(prompts) * num_images_per_prompt, each prompt repeated in place as diffusers
+        does. ``latents`` [N, C, H/f, W/f] (NCHW) replaces the seeded initial noise;
+        ``_noises`` [steps-1, N, C, h, w] replays LCM's per-step noise (for parity tests).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list: give a string or a non-empty list of strings")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {scheduler!r} is not supported: expected one of {SCHEDULERS}")
+        if output_type not in ("uint8", "np"):
+            raise ValueError(f"output_type {output_type!r}: expected 'uint8' or 'np'")
+        if int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if int(num_images_per_prompt) < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        f = self.vae_scale_factor
+        sample_size = self.unet.config.sample_size
+        sample_size = sample_size[0] if isinstance(sample_size, tuple) else (sample_size or 64)
+        height = height or sample_size * f
+        width = width or sample_size * f
+        if height % f or width % f:
+            raise ValueError(f"height and width must be divisible by {f} (the VAE's scale factor), "
+                             f"got {height}x{width}")
+        n = len(prompts) * num_images_per_prompt
+        shape = (n, self.unet.config.in_channels, height // f, width // f)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents have shape {latents.shape}, expected {shape} "
+                                 f"(N, C, H/{f}, W/{f}) for {len(prompts)} prompt(s) x "
+                                 f"{num_images_per_prompt} image(s) at {height}x{width}")
+        if scheduler == "lcm":
+            timesteps = lcm_timesteps(int(num_inference_steps), self.schedule.num_train_timesteps,
+                                      self.schedule.original_inference_steps)
+        rng = jax.random.PRNGKey(seed)
+        rng_latents, rng_steps = jax.random.split(rng)
+        z = jnp.asarray(latents) if latents is not None else jax.random.normal(rng_latents, shape)
+
+        cond = jnp.repeat(self.encode_prompt(prompts), num_images_per_prompt, axis=0)  # [N, L, D]
+        use_cfg = not self.is_lcm and guidance_scale > 1.0
+        uncond = jnp.broadcast_to(self.encode_prompt([""]), cond.shape) if use_cfg else None
+        fn = self._sampler(scheduler, int(num_inference_steps), use_cfg)
+        args = dict(unet=self.unet_params, vae=self.vae_params)
+        if scheduler == "lcm":
+            noises = None if _noises is None else jnp.asarray(_noises, jnp.float32)
+            images = fn(args, z, cond, uncond, jnp.float32(guidance_scale), rng_steps, noises,
+                        jnp.asarray(timesteps, jnp.int32))
+        else:
+            images = fn(args, z, cond, uncond, jnp.float32(guidance_scale))
+        images = np.asarray(jax.device_get(images))
+        if output_type == "np":
+            return images
+        return (images * 255).round().astype(np.uint8)
+
+    def _sampler(self, scheduler: str, steps: int, use_cfg: bool):
+        """One jitted function: UNet (+CFG) over all steps, then VAE decode and postprocess."""
+        key = (scheduler, steps, use_cfg)
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(make_sample_fn(
+                self.unet, self.vae, self.schedule, scheduler, steps, use_cfg))
+        return self._compiled[key]
+
+
+def _unet_dummy(cfg: UNetConfig):
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    cond = None if cfg.time_cond_proj_dim is None else jnp.zeros((1, cfg.time_cond_proj_dim))
+    return (jnp.zeros((1, cfg.in_channels, f, f)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 1, cfg.cross_attention_dims[0])), cond)
+
+
+def make_model_fn(unet: UNet2DConditionModel, params: Any, cond: jax.Array,
+                  uncond: Optional[jax.Array], guidance_scale: jax.Array):
+    """model_fn(z, t) -> model output for the samplers: LCM omega-embedding or CFG."""
+    def model_fn(z, t):  # z: [B, C, h, w], t: [B]
+        if unet.config.time_cond_proj_dim is not None:
+            w = jnp.full((z.shape[0],), guidance_scale - 1.0, jnp.float32)
+            w_emb = guidance_embedding(w, unet.config.time_cond_proj_dim)
+            return unet.apply({"params": params}, z, t, cond, w_emb)
+        if uncond is None:
+            return unet.apply({"params": params}, z, t, cond)
+        out = unet.apply({"params": params}, jnp.concatenate([z, z]), jnp.concatenate([t, t]),
+                         jnp.concatenate([uncond, cond]))
+        out_uncond, out_cond = jnp.split(out, 2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+    return model_fn
+
+
+def make_sample_fn(unet: UNet2DConditionModel, vae: AutoencoderKL, schedule: NoiseSchedule,
+                   scheduler: str, steps: int, use_cfg: bool):
+    """The pure function the pipeline jits: initial latents -> images [N, H, W, 3] in [0, 1]."""
+    scaling = vae.config.scaling_factor
+
+    def decode(params, z0):
+        x = vae.apply({"params": params["vae"]}, z0 / scaling, method=vae.decode)  # [N, 3, H, W]
+        return jnp.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    if scheduler == "lcm":
+        def sample(params, z, cond, uncond, guidance_scale, rng, noises, timesteps):
+            model_fn = make_model_fn(unet, params["unet"], cond, uncond if use_cfg else None, guidance_scale)
+            z0 = sampling.lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises)
+            return decode(params, z0)
+    else:
+        def sample(params, z, cond, uncond, guidance_scale):
+            model_fn = make_model_fn(unet, params["unet"], cond, uncond if use_cfg else None, guidance_scale)
+            z0 = sampling.teacher_sample(scheduler, model_fn, z, schedule, steps)
+            return decode(params, z0)
+    return sample

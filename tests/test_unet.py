@@ -1,0 +1,193 @@
+"""The Flax UNet (and its embeddings) against diffusers' PyTorch UNet2DConditionModel.
+
+Tiny random diffusers UNets (every param perturbed so zero-inits hide nothing) are
+converted with lcm_jax.weights and must give the same output in float32 (<= 1e-4).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.pipelines import LatentConsistencyModelPipeline
+
+from lcm_jax.models.embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
+from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from lcm_jax.weights import flax_to_torch, torch_to_flax
+
+TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=32, sample_size=16)
+CONFIGS = {
+    # SD1.x: 1x1-conv proj_in/out, one head count for all blocks
+    "sd1": dict(TINY, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2),
+    # SD2.x: linear proj, per-block heads, upcast attention; odd, non-square sample size
+    "sd2": dict(TINY, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=[2, 4],
+                use_linear_projection=True, upcast_attention=True),
+    # LCM student: guidance embedding through time_embedding.cond_proj; deeper transformers
+    "lcm": dict(TINY, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
+                transformer_layers_per_block=[1, 2], time_cond_proj_dim=256),
+}
+SIZES = {"sd1": (16, 16), "sd2": (9, 12), "lcm": (8, 8)}
+
+
+@functools.lru_cache(maxsize=None)
+def _case(name):
+    """(torch model, its numpy state dict, UNetConfig, inputs) for a config of CONFIGS."""
+    torch.manual_seed(0)
+    tm = TorchUNet(**CONFIGS[name]).eval()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+    rng = np.random.default_rng(0)
+    h, w = SIZES[name]
+    inputs = dict(sample=rng.standard_normal((2, 4, h, w), dtype=np.float32),
+                  timesteps=np.array([999, 37], np.int64),
+                  encoder_hidden_states=rng.standard_normal((2, 7, 32), dtype=np.float32))
+    if name == "lcm":
+        inputs["timestep_cond"] = np.asarray(guidance_embedding(jnp.array([3.0, 7.5]), 256))
+    return tm, sd, UNetConfig.from_diffusers_config(dict(tm.config)), inputs
+
+
+def _torch_forward(tm, inputs):
+    kw = {k: torch.from_numpy(np.array(v)) for k, v in inputs.items()}
+    with torch.no_grad():
+        return tm(kw["sample"], kw["timesteps"], kw["encoder_hidden_states"],
+                  timestep_cond=kw.get("timestep_cond")).sample.numpy()
+
+
+def _flax_params(model, sd, inputs):
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), **inputs)["params"]
+    params, missing = torch_to_flax(sd, shapes)
+    assert missing == []
+    return params
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_diffusers_fp32(name):
+    tm, sd, cfg, inputs = _case(name)
+    model = UNet2DConditionModel(cfg)
+    params = _flax_params(model, sd, inputs)
+    out = jax.jit(model.apply)({"params": params}, **inputs)
+    ref = _torch_forward(tm, inputs)
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4)
+
+
+def test_scalar_and_float_timesteps():
+    tm, sd, cfg, inputs = _case("sd1")
+    model = UNet2DConditionModel(cfg)
+    params = _flax_params(model, sd, inputs)
+    inputs = dict(inputs, timesteps=np.float32(250.5))
+    out = jax.jit(model.apply)({"params": params}, **inputs)
+    ref = _torch_forward(tm, dict(inputs, timesteps=np.array(250.5, np.float32)))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4)
+
+
+def test_weights_round_trip_exact():
+    _, sd, cfg, inputs = _case("lcm")
+    params = _flax_params(UNet2DConditionModel(cfg), sd, inputs)
+    back = flax_to_torch(params)
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_bfloat16_compute_close_to_fp32():
+    _, sd, cfg, inputs = _case("sd2")
+    params = _flax_params(UNet2DConditionModel(cfg), sd, inputs)
+    bf16 = UNet2DConditionModel(cfg, dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(bf16.init, jax.random.PRNGKey(0), **inputs)["params"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))  # params stay fp32
+    ref = jax.jit(UNet2DConditionModel(cfg).apply)({"params": params}, **inputs)
+    out = jax.jit(bf16.apply)({"params": params}, **inputs)
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+    assert err < 0.05, err
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_round_trips_through_diffusers(name):
+    tm, sd, cfg, _ = _case(name)
+    exported = cfg.to_diffusers_config()
+    assert exported["_class_name"] == "UNet2DConditionModel"
+    assert UNetConfig.from_diffusers_config(exported) == cfg
+    rebuilt = TorchUNet.from_config(exported)
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
+           {k: v.shape for k, v in sd.items()}
+
+
+def test_num_attention_heads_quirk():
+    base = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    assert UNetConfig.from_diffusers_config(dict(base, attention_head_dim=[2, 4])).heads_per_block == (2, 4)
+    cfg = UNetConfig.from_diffusers_config(dict(base, attention_head_dim=8, num_attention_heads=4))
+    assert cfg.heads_per_block == (4, 4)
+    assert cfg.to_diffusers_config()["attention_head_dim"] == 4
+    assert cfg.to_diffusers_config()["num_attention_heads"] is None
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(addition_embed_type="text_time"), "addition_embed_type"),
+    (dict(down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")), "down block type"),
+    (dict(up_block_types=("UpBlock2D", "AttnUpBlock2D")), "up block type"),
+    (dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"), "mid_block_type"),
+    (dict(class_embed_type="timestep"), "class_embed_type"),
+    (dict(only_cross_attention=[True, False]), "only_cross_attention"),
+    (dict(_class_name="UNet2DModel"), "UNet2DModel"),
+])
+def test_unsupported_config_raises(bad, match):
+    cfg = dict(CONFIGS["sd1"], _diffusers_version="0.30.0", some_future_key=1)
+    UNetConfig.from_diffusers_config(cfg)  # unknown and private keys are ignored
+    with pytest.raises(ValueError, match=match):
+        UNetConfig.from_diffusers_config(dict(cfg, **bad))
+
+
+def _assert_close_up_to_freq_ulp(ours, ref, args):
+    """|ours - ref| <= 1e-5 + arg * 2**-23 elementwise: the embeddings are sin/cos of t * freq
+    with float32 frequencies, and PyTorch's float32 exp (like XLA's) is only accurate to an ulp,
+    so at arguments of 1e3..1e4 (t ~ 999, guidance * 1000) the sines may differ by that much."""
+    bound = 1e-5 + 2.0 ** -23 * np.concatenate([args, args], axis=1)
+    bound = np.pad(bound, ((0, 0), (0, ours.shape[1] - bound.shape[1])), constant_values=1e-5)
+    excess = np.abs(np.asarray(ours) - ref) - bound
+    assert excess.max() <= 0, f"max excess {excess.max()} at {np.unravel_index(excess.argmax(), excess.shape)}"
+
+
+@pytest.mark.parametrize("dim, flip, shift", [(32, True, 0), (320, True, 0), (320, False, 1), (33, True, 1)])
+def test_timestep_embedding_matches_diffusers(dim, flip, shift):
+    t = np.array([0, 1, 19, 259.5, 500, 999], np.float32)
+    ours = timestep_embedding(jnp.asarray(t), dim, flip, shift)
+    ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+    assert ours.shape == (len(t), dim) and ours.dtype == jnp.float32
+    half = dim // 2
+    args = t[:, None] * np.exp(-np.log(10000.0) * np.arange(half) / (half - shift))[None]
+    _assert_close_up_to_freq_ulp(ours, ref.numpy(), args)
+
+
+@pytest.mark.parametrize("dim", [256, 255, 512])
+def test_guidance_embedding_matches_diffusers(dim):
+    w = np.array([0.0, 0.1, 1.0, 3.0, 7.0, 14.0], np.float32)
+    ours = guidance_embedding(jnp.asarray(w), dim)
+    ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.from_numpy(w), dim)
+    assert ours.shape == (len(w), dim) and ours.dtype == jnp.float32
+    half = dim // 2
+    args = 1000 * w[:, None] * np.exp(-np.log(10000.0) * np.arange(half) / (half - 1))[None]
+    _assert_close_up_to_freq_ulp(ours, ref.numpy(), args)
+    np.testing.assert_allclose(np.asarray(ours)[:2], ref.numpy()[:2], rtol=0, atol=1e-5)  # small w: tight
+
+
+def test_cond_proj_zero_init_and_required_width():
+    emb = TimestepEmbedding(64, cond_proj_dim=16, zero_init_cond_proj=True)
+    x, c = jnp.ones((2, 32)), jnp.ones((2, 16))
+    params = emb.init(jax.random.PRNGKey(0), x)["params"]  # params made even without a condition
+    assert params["cond_proj"]["kernel"].shape == (16, 32) and "bias" not in params["cond_proj"]
+    assert not params["cond_proj"]["kernel"].any()
+    np.testing.assert_array_equal(emb.apply({"params": params}, x, c), emb.apply({"params": params}, x))
+    with pytest.raises(ValueError, match="time_cond_proj_dim=16"):
+        emb.apply({"params": params}, x, jnp.ones((2, 8)))
