@@ -1,0 +1,144 @@
+"""LCMPipeline end to end against diffusers on tiny random pipelines saved to disk."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import sd_models
+from lcm_jax.pipeline import LCMPipeline
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("sd"))
+    ref = sd_models.make_sd_pipeline(d)
+    return d, ref
+
+
+@pytest.fixture(scope="module")
+def lcm_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("lcm"))
+    ref = sd_models.make_sd_pipeline(d, lcm=True)
+    return d, ref
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_dir):
+    return LCMPipeline.from_pretrained(sd_dir[0])
+
+
+def _latents(n, seed=0, size=8):
+    return np.random.default_rng(seed).standard_normal((n, 4, size, size)).astype(np.float32)
+
+
+def test_ddim_cfg_matches_diffusers(sd_dir, pipe):
+    _, ref = sd_dir
+    lat = _latents(2)
+    want = ref(["a cat", "a dog"], num_inference_steps=3, guidance_scale=7.5, output_type="np",
+               height=16, width=16, latents=torch.from_numpy(lat)).images
+    got = pipe(["a cat", "a dog"], num_inference_steps=3, guidance_scale=7.5, scheduler="ddim",
+               latents=lat, height=16, width=16, output_type="np")
+    assert got.shape == want.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    u8 = pipe(["a cat", "a dog"], num_inference_steps=3, guidance_scale=7.5, scheduler="ddim",
+              latents=lat, height=16, width=16)
+    assert u8.dtype == np.uint8 and u8.shape == (2, 16, 16, 3)
+
+
+def test_save_pretrained_loads_in_diffusers(sd_dir, pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    _, ref = sd_dir
+    out = str(tmp_path / "saved")
+    pipe.save_pretrained(out)
+    # exactly the key set diffusers/transformers write
+    from safetensors.numpy import load_file
+    for comp, fname, model in (("unet", "diffusion_pytorch_model", ref.unet), ("vae", "diffusion_pytorch_model", ref.vae)):
+        keys = set(load_file(os.path.join(out, comp, f"{fname}.safetensors")))
+        assert keys == set(model.state_dict()), comp
+    reloaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        a = reloaded.unet(x, t, c).sample.numpy()
+        b = ref.unet(x, t, c).sample.numpy()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    ours = np.asarray(pipe.unet.apply({"params": pipe.unet_params}, x.numpy(), t.numpy(), c.numpy()))
+    np.testing.assert_allclose(ours, b, atol=1e-4)
+    # and it comes back into our pipeline with the same images
+    again = LCMPipeline.from_pretrained(out)
+    lat = _latents(1)
+    np.testing.assert_allclose(again("a cat", 2, 7.5, "ddim", latents=lat, height=16, width=16, output_type="np"),
+                               pipe("a cat", 2, 7.5, "ddim", latents=lat, height=16, width=16, output_type="np"),
+                               atol=1e-6)
+
+
+def test_flax_msgpack_checkpoint_loads(sd_dir, pipe, tmp_path):
+    from flax import serialization
+    src, _ = sd_dir
+    out = tmp_path / "flax"
+    shutil.copytree(src, out)
+    for comp, name, params in (("unet", "diffusion_flax_model.msgpack", pipe.unet_params),
+                               ("vae", "diffusion_flax_model.msgpack", pipe.vae_params),
+                               ("text_encoder", "flax_model.msgpack", pipe.text_params)):
+        for f in os.listdir(out / comp):
+            if f.endswith(".safetensors"):
+                os.remove(out / comp / f)
+        (out / comp / name).write_bytes(serialization.msgpack_serialize(
+            __import__("jax").tree.map(np.asarray, params)))
+    flax_pipe = LCMPipeline.from_pretrained(str(out))
+    lat = _latents(1)
+    np.testing.assert_allclose(flax_pipe("a cat", 2, 7.5, "ddim", latents=lat, height=16, width=16, output_type="np"),
+                               pipe("a cat", 2, 7.5, "ddim", latents=lat, height=16, width=16, output_type="np"),
+                               atol=1e-6)
+
+
+def test_lcm_matches_diffusers_one_step_and_multistep(lcm_dir):
+    d, ref = lcm_dir
+    pipe = LCMPipeline.from_pretrained(d)
+    assert pipe.is_lcm
+    lat = _latents(1)
+    want = ref("a cat", num_inference_steps=1, guidance_scale=8.0, output_type="np", height=16, width=16,
+               latents=torch.from_numpy(lat)).images
+    got = pipe("a cat", num_inference_steps=1, guidance_scale=8.0, latents=lat, height=16, width=16,
+               output_type="np")
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    # multistep: replay diffusers' per-step noise (LCMScheduler.step draws it from the generator)
+    steps = 4
+    g = torch.Generator().manual_seed(7)
+    noises = np.stack([torch.randn(lat.shape, generator=g).numpy() for _ in range(steps - 1)])
+    want = ref("a cat", num_inference_steps=steps, guidance_scale=8.0, output_type="np", height=16, width=16,
+               latents=torch.from_numpy(lat), generator=torch.Generator().manual_seed(7)).images
+    got = pipe("a cat", num_inference_steps=steps, guidance_scale=8.0, latents=lat, height=16, width=16,
+               output_type="np", _noises=noises)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_bad_inputs_name_the_problem(sd_dir, pipe, tmp_path):
+    src, _ = sd_dir
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        LCMPipeline.from_pretrained(str(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(FileNotFoundError, match="missing vae/"):
+        LCMPipeline.from_pretrained(str(broken))
+    with pytest.raises(ValueError, match="empty list"):
+        pipe([])
+    with pytest.raises(ValueError, match="divisible by 2"):
+        pipe("a cat", height=15, width=16)
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 4, 4\), expected \(1, 4, 8, 8\)"):
+        pipe("a cat", height=16, width=16, latents=np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="scheduler 'euler'"):
+        pipe("a cat", scheduler="euler")
+    with pytest.raises(ValueError, match="original_inference_steps|50"):
+        pipe("a cat", num_inference_steps=51, scheduler="lcm")
+    bad_cfg = tmp_path / "badcfg"
+    shutil.copytree(src, bad_cfg)
+    cfg = json.loads((bad_cfg / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [32, 32]
+    (bad_cfg / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        LCMPipeline.from_pretrained(str(bad_cfg))
