@@ -47,8 +47,9 @@ def _case(name):
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}
     rng = np.random.default_rng(0)
     h, w = SIZES[name]
-    inputs = dict(sample=rng.standard_normal((2, 4, h, w), dtype=np.float32),
-                  timesteps=np.array([999, 37], np.int64),
+    # timesteps: int [B]; sd2 a float scalar (broadcast to the batch)
+    timesteps = np.array(250.5, np.float32) if name == "sd2" else np.array([999, 37], np.int64)
+    inputs = dict(sample=rng.standard_normal((2, 4, h, w), dtype=np.float32), timesteps=timesteps,
                   encoder_hidden_states=rng.standard_normal((2, 7, 32), dtype=np.float32))
     if name == "lcm":
         inputs["timestep_cond"] = np.asarray(guidance_embedding(jnp.array([3.0, 7.5]), 256))
@@ -69,43 +70,38 @@ def _flax_params(model, sd, inputs):
     return params
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_diffusers_fp32(name):
-    tm, sd, cfg, inputs = _case(name)
+@functools.lru_cache(maxsize=None)
+def _flax_case(name):
+    """(converted params, our float32 output) for a config of CONFIGS."""
+    _, sd, cfg, inputs = _case(name)
     model = UNet2DConditionModel(cfg)
     params = _flax_params(model, sd, inputs)
-    out = jax.jit(model.apply)({"params": params}, **inputs)
+    return params, jax.jit(model.apply)({"params": params}, **inputs)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_diffusers_fp32(name):
+    tm, _, _, inputs = _case(name)
+    _, out = _flax_case(name)
     ref = _torch_forward(tm, inputs)
     assert out.shape == ref.shape and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4)
 
 
-def test_scalar_and_float_timesteps():
-    tm, sd, cfg, inputs = _case("sd1")
-    model = UNet2DConditionModel(cfg)
-    params = _flax_params(model, sd, inputs)
-    inputs = dict(inputs, timesteps=np.float32(250.5))
-    out = jax.jit(model.apply)({"params": params}, **inputs)
-    ref = _torch_forward(tm, dict(inputs, timesteps=np.array(250.5, np.float32)))
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4)
-
-
 def test_weights_round_trip_exact():
-    _, sd, cfg, inputs = _case("lcm")
-    params = _flax_params(UNet2DConditionModel(cfg), sd, inputs)
-    back = flax_to_torch(params)
+    _, sd, _, _ = _case("lcm")
+    back = flax_to_torch(_flax_case("lcm")[0])
     assert set(back) == set(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
 def test_bfloat16_compute_close_to_fp32():
-    _, sd, cfg, inputs = _case("sd2")
-    params = _flax_params(UNet2DConditionModel(cfg), sd, inputs)
+    _, _, cfg, inputs = _case("sd2")
+    params, ref = _flax_case("sd2")
     bf16 = UNet2DConditionModel(cfg, dtype=jnp.bfloat16)
     shapes = jax.eval_shape(bf16.init, jax.random.PRNGKey(0), **inputs)["params"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))  # params stay fp32
-    ref = jax.jit(UNet2DConditionModel(cfg).apply)({"params": params}, **inputs)
     out = jax.jit(bf16.apply)({"params": params}, **inputs)
     assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
     err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))

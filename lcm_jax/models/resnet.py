@@ -24,13 +24,13 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
         # x: [B, H, W, C_in], temb: [B, T]
         out_channels = self.out_channels or self.in_channels
-        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
+        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False, name="norm1")(x)
         h = nn.swish(h)
         h = nn.Conv(out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv1")(h)
         if self.use_temb:
             t = nn.Dense(out_channels, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))
             h = h + t[:, None, None, :]
-        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h)
+        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False, name="norm2")(h)
         h = nn.swish(h)
         h = nn.Conv(out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv2")(h)
         if out_channels != self.in_channels:

@@ -140,9 +140,9 @@ class UNetConfig:
                 and self.reverse_transformer_layers_per_block is None):
             raise ValueError("per-layer transformer_layers_per_block needs "
                              "reverse_transformer_layers_per_block (as in diffusers)")
-        # Validate the per-block expansions (raises on bad lengths).
-        self.heads_per_block, self.cross_attention_dims, self.layers_per_block_list
-        self.down_transformer_depths, self.up_transformer_depths, self.mid_transformer_depths
+        # Expand every per-block setting once, so bad lengths raise here.
+        _ = (self.cross_attention_dims, self.down_transformer_depths, self.up_transformer_depths,
+             self.mid_transformer_depths)
         for c, h in zip(self.block_out_channels, self.heads_per_block):
             if c % self.norm_num_groups:
                 raise ValueError(f"block channels {c} not divisible by norm_num_groups={self.norm_num_groups}")

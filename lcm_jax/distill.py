@@ -1,0 +1,223 @@
+"""Latent Consistency Distillation (LCD) and Fine-tuning (LCF): the loss and the train step.
+
+Pure functions of pytrees. The models are static Flax definitions (``Models``); the frozen
+teacher, VAE, text encoder and empty-prompt embedding are one pytree argument (``frozen``)
+that is never part of the train state; the EMA target theta^- lives in ``opt_state``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from lcm_jax.consistency import consistency_fn
+from lcm_jax.ema import ema, ema_params
+from lcm_jax.models.clip import CLIPTextModel
+from lcm_jax.models.embeddings import guidance_embedding
+from lcm_jax.models.unet import UNet2DConditionModel
+from lcm_jax.models.vae import AutoencoderKL, sample_latent
+from lcm_jax.schedules import NoiseSchedule, alpha_sigma, expand_like, sample_timestep_pair, to_x0_eps
+from lcm_jax.solvers import get_solver
+
+MODES = ("lcd", "lcf")
+LOSSES = ("l2", "huber")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    """The static hyperparameters of the step (hashable; from ``config.lcd`` and friends)."""
+
+    mode: str = "lcd"
+    num_ddim_timesteps: int = 50
+    omega_min: float = 2.0
+    omega_max: float = 14.0
+    solver: str = "ddim"
+    loss: str = "l2"
+    huber_c: float = 0.001
+    caption_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not supported: expected one of {MODES}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"lcd.loss {self.loss!r} is not supported: expected one of {LOSSES}")
+        get_solver(self.solver)  # raises on an unknown solver
+        if not self.omega_min <= self.omega_max:
+            raise ValueError(f"lcd.omega_min {self.omega_min} > lcd.omega_max {self.omega_max}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+    @classmethod
+    def from_config(cls, config) -> "DistillSpec":
+        c = config.lcd
+        return cls(mode=config.mode, num_ddim_timesteps=c.num_ddim_timesteps, omega_min=c.omega_min,
+                   omega_max=c.omega_max, solver=c.solver, loss=c.loss, huber_c=c.huber_c,
+                   caption_dropout=config.data.caption_dropout)
+
+
+class Models(NamedTuple):
+    """Static module definitions the step closes over (the teacher is None for LCF)."""
+
+    student: UNet2DConditionModel
+    teacher: Optional[UNet2DConditionModel]
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    schedule: NoiseSchedule
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training: one pytree (checkpointed as a whole)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any  # holds theta^- (ema.EmaState)
+    rng: jax.Array
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """clip -> AdamW (linear warmup) -> EMA target; MultiSteps for gradient accumulation."""
+    lr = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps) if config.warmup_steps \
+        else config.learning_rate
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
+        optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                    weight_decay=config.weight_decay),
+        ema(config.lcd.ema_decay),
+    )
+    if config.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
+    return tx
+
+
+def learning_rate(config, step):
+    if config.warmup_steps:
+        return config.learning_rate * jnp.minimum(1.0, step / config.warmup_steps)
+    return jnp.float32(config.learning_rate)
+
+
+# --------------------------------------------------------------------------- pieces
+
+def encode_batch(models: Models, frozen: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scaled latents [B, C, h, w] and prompt embeddings [B, L, D] for a batch.
+
+    Takes cached ``latent_mean``/``latent_logvar`` and ``prompt_embeds`` when present,
+    else runs the frozen VAE on ``pixels`` [B, 3, H, W] and the text encoder on ``input_ids``.
+    Latents are a posterior sample times the VAE's scaling factor, as diffusers trains.
+    """
+    if "latent_mean" in batch:
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+    else:
+        mean, logvar = models.vae.apply({"params": frozen["vae"]}, batch["pixels"], method=models.vae.encode)
+    latents = sample_latent(mean, logvar, rng) * models.vae.config.scaling_factor
+    if "prompt_embeds" in batch:
+        cond = batch["prompt_embeds"]
+    else:
+        cond = models.text_encoder.apply({"params": frozen["text"]}, batch["input_ids"]).last_hidden_state
+    return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(cond.astype(jnp.float32))
+
+
+def consistency_distance(x: jax.Array, y: jax.Array, loss: str, huber_c: float) -> jax.Array:
+    """d(x, y) averaged over the batch: L2 = mean squared error (diffusers' F.mse_loss);
+    pseudo-Huber = sqrt(||x - y||^2 + c^2) - c per example (||.|| over C, H, W), with
+    c <= 0 meaning iCT's c = 0.00054 * sqrt(d)."""
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    if loss == "l2":
+        return jnp.mean((x - y) ** 2)
+    d = math.prod(x.shape[1:])
+    c = huber_c if huber_c > 0 else 0.00054 * math.sqrt(d)
+    sq = jnp.sum((x - y) ** 2, axis=tuple(range(1, x.ndim)))
+    return jnp.mean(jnp.sqrt(sq + c * c) - c)
+
+
+class Draws(NamedTuple):
+    """The random quantities of one example set (exposed so tests can replay them)."""
+
+    t_start: jax.Array  # [B] int32, t_{n+k}
+    t_end: jax.Array    # [B] int32, t_n
+    noise: jax.Array    # [B, C, h, w]
+    omega: jax.Array    # [B]
+    drop: jax.Array     # [B] bool, caption dropped
+
+
+def draw(rng: jax.Array, latents: jax.Array, spec: DistillSpec, schedule: NoiseSchedule) -> Draws:
+    r_t, r_noise, r_omega, r_drop = jax.random.split(rng, 4)
+    b = latents.shape[0]
+    t_start, t_end = sample_timestep_pair(r_t, b, spec.num_ddim_timesteps, schedule.num_train_timesteps)
+    noise = jax.random.normal(r_noise, latents.shape, jnp.float32)
+    omega = jax.random.uniform(r_omega, (b,), jnp.float32, spec.omega_min, spec.omega_max)
+    drop = jax.random.uniform(r_drop, (b,)) < spec.caption_dropout
+    return Draws(t_start, t_end, noise, omega, drop)
+
+
+def lcd_target_latents(models: Models, teacher_params: Any, z_start: jax.Array, d: Draws,
+                       cond: jax.Array, uncond: jax.Array, solver: str) -> jax.Array:
+    """The guidance-augmented ODE target z_hat_{t_n} = (1 + w) Psi(z, c) - w Psi(z, empty),
+    written as z + (1+w)(Psi_c - z) - w(Psi_u - z); both branches in one batched teacher call
+    per solver stage (2B examples). [B, C, h, w], no gradient."""
+    schedule = models.schedule
+
+    def denoise(z, t):  # z: [2B, C, h, w], t: [2B]
+        out = models.teacher.apply({"params": teacher_params}, z, t, jnp.concatenate([cond, uncond]))
+        alpha, sigma = alpha_sigma(schedule, t)
+        return to_x0_eps(out.astype(jnp.float32), z, alpha, sigma, schedule.prediction_type)
+
+    z2 = jnp.concatenate([z_start, z_start])
+    z_end = get_solver(solver)(denoise, z2, jnp.concatenate([d.t_start, d.t_start]),
+                               jnp.concatenate([d.t_end, d.t_end]), schedule)
+    z_c, z_u = jnp.split(z_end, 2)
+    w = expand_like(d.omega, z_start)
+    return jax.lax.stop_gradient(z_start + (1.0 + w) * (z_c - z_start) - w * (z_u - z_start))
+
+
+def student_f(models: Models, params: Any, z: jax.Array, t: jax.Array, cond: jax.Array,
+              omega: jax.Array) -> jax.Array:
+    """f_theta(z, omega, c, t) = c_skip z + c_out x0_pred from the student UNet. [B, C, h, w]"""
+    w_emb = guidance_embedding(omega, models.student.config.time_cond_proj_dim)
+    out = models.student.apply({"params": params}, z, t, cond, w_emb)
+    return consistency_fn(out.astype(jnp.float32), z, t, models.schedule)
+
+
+def distill_loss(params: Any, target_params: Any, frozen: Any, latents: jax.Array, cond: jax.Array,
+                 rng: jax.Array, spec: DistillSpec, models: Models) -> tuple[jax.Array, dict]:
+    """LCD (Algorithm 1) or LCF loss for one batch of latents [B, C, h, w] and prompts [B, L, D]."""
+    d = draw(rng, latents, spec, models.schedule)
+    uncond = jnp.broadcast_to(frozen["uncond"], cond.shape)
+    cond = jnp.where(d.drop[:, None, None], uncond, cond)
+    a_s, s_s = alpha_sigma(models.schedule, d.t_start)
+    z_start = expand_like(a_s, latents) * latents + expand_like(s_s, latents) * d.noise
+    if spec.mode == "lcd":
+        z_end = lcd_target_latents(models, frozen["teacher"], z_start, d, cond, uncond, spec.solver)
+    else:  # LCF: the same noise at the earlier timestep, from real data
+        a_e, s_e = alpha_sigma(models.schedule, d.t_end)
+        z_end = expand_like(a_e, latents) * latents + expand_like(s_e, latents) * d.noise
+    target = jax.lax.stop_gradient(student_f(models, target_params, z_end, d.t_end, cond, d.omega))
+    pred = student_f(models, params, z_start, d.t_start, cond, d.omega)
+    loss = consistency_distance(pred, target, spec.loss, spec.huber_c)
+    return loss, {"omega_mean": jnp.mean(d.omega), "t_start_mean": jnp.mean(d.t_start.astype(jnp.float32))}
+
+
+def train_step(state: TrainState, batch: dict, frozen: Any, *, spec: DistillSpec, models: Models,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One optimizer (micro-)step. ``frozen`` = {teacher, vae, text, uncond}; jit with
+    ``donate_argnums=0``. Returns the new state and scalar metrics (incl. ``finite``)."""
+    rng, r_enc, r_loss = jax.random.split(state.rng, 3)
+    latents, cond = encode_batch(models, frozen, batch, r_enc)
+    target = ema_params(state.opt_state)
+    (loss, aux), grads = jax.value_and_grad(distill_loss, has_aux=True)(
+        state.params, target, frozen, latents, cond, r_loss, spec, models)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))
