@@ -51,7 +51,8 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
+            raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; "
+                             f"expected one of {sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -121,8 +122,10 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
         eps = self.config.layer_norm_eps
-        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(_layer_norm(eps, self.dtype, "layer_norm1")(x), mask)
-        return x + CLIPMLP(self.config, self.dtype, name="mlp")(_layer_norm(eps, self.dtype, "layer_norm2")(x))
+        h = _layer_norm(eps, self.dtype, "layer_norm1")(x)
+        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(h, mask)
+        h = _layer_norm(eps, self.dtype, "layer_norm2")(x)
+        return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
 
 
 class CLIPLayerCollection(nn.Module):
@@ -172,7 +175,8 @@ class CLIPTextTransformer(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None):
         cfg = self.config
         x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
-        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, L]
+        # padding mask [B, 1, 1, L] (keys), combined with the causal mask in attention
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         states = CLIPEncoder(cfg, self.dtype, name="encoder")(x, mask)
         last = _layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(states[-1])
         if cfg.eos_token_id == 2:  # legacy configs: EOS is the largest id in each row
@@ -202,7 +206,8 @@ class CLIPTextModel(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(f"input_ids must be [B, L] with L <= {cfg.max_position_embeddings}, "
                              f"got {input_ids.shape}")
-        last, pooled, states = CLIPTextTransformer(cfg, self.dtype, name="text_model")(input_ids, attention_mask)
+        text_model = CLIPTextTransformer(cfg, self.dtype, name="text_model")
+        last, pooled, states = text_model(input_ids, attention_mask)
         f32 = lambda a: a.astype(jnp.float32)
         text_embeds = None
         if cfg.with_projection:
@@ -215,7 +220,10 @@ class CLIPTextModel(nn.Module):
 
 
 def init_clip_params(model: CLIPTextModel, rng: jax.Array) -> Any:
-    """Random float32 params for ``model`` (``jax.eval_shape(partial(init_..., model), rng)`` gives shapes only)."""
+    """Random float32 params for ``model``.
+
+    ``jax.eval_shape(functools.partial(init_clip_params, model), rng)`` gives the shapes only.
+    """
     return model.init(rng, jnp.zeros((1, model.config.max_position_embeddings), jnp.int32))["params"]
 
 
@@ -229,6 +237,11 @@ def load_tokenizer(folder: Union[str, os.PathLike]):
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist")
+    files = set(os.listdir(folder))
+    # transformers silently builds an empty 3-token tokenizer from a folder without these.
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        raise FileNotFoundError(f"tokenizer folder {folder!r} has neither tokenizer.json nor "
+                                f"vocab.json + merges.txt (found {sorted(files)})")
     try:
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # re-raised with the folder named; transformers' messages often omit it

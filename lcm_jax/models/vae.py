@@ -298,7 +298,10 @@ def latent_mode(mean: jax.Array, logvar: Optional[jax.Array] = None) -> jax.Arra
 
 
 def init_vae_params(model: AutoencoderKL, rng: jax.Array) -> Any:
-    """Random float32 params for ``model`` (``jax.eval_shape(partial(init_..., model), rng)`` gives shapes only)."""
+    """Random float32 params for ``model``.
+
+    ``jax.eval_shape(functools.partial(init_vae_params, model), rng)`` gives the shapes only.
+    """
     size = 2 * model.config.downsample_factor
     x = jnp.zeros((1, model.config.in_channels, size, size), jnp.float32)
     return model.init(rng, x)["params"]

@@ -1,0 +1,109 @@
+"""Mesh ('data', 'fsdp', 'tensor'), partition rules for params, and multi-host set-up.
+
+Rules are (regex on the '/'-joined param path, PartitionSpec) pairs, first match wins, as
+in big_vision; they are applied to params, optimizer state (whose leaves end in the same
+paths) and the frozen teacher alike. An axis that does not divide a dimension is dropped
+for that leaf (replicated along it), so one rule set serves every model size and mesh.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Specs are right-aligned to a leaf's shape: ("fsdp", "tensor") on a conv kernel
+# [kh, kw, in, out] shards (in, out), on a Dense kernel [in, out] the same two dims.
+DEFAULT_RULES: tuple[tuple[str, P], ...] = (
+    (r"kernel$", P("fsdp", "tensor")),
+    (r"embedding$", P("tensor", "fsdp")),  # [vocab, dim]
+    (r".*", P()),                          # biases, norms, scalars: replicated
+)
+
+
+def init_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None) -> None:
+    """jax.distributed.initialize() when flags or the environment ask for several processes
+    (explicit flags; SLURM/TPU/MPI environments are detected by JAX itself)."""
+    if coordinator_address or (num_processes or 1) > 1:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")) \
+            and int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+        jax.distributed.initialize()
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh(mesh_config, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """Mesh over AXES from ``config.mesh`` (sizes; one of them may be -1 = the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_config[a]) for a in AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))}: at most one axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not fit {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} uses {int(np.prod(sizes))} devices, "
+                         f"but there are {len(devices)}")
+    from jax.experimental import mesh_utils
+    try:
+        grid = mesh_utils.create_device_mesh(sizes, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, AXES)
+
+
+def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    """The PartitionSpec of one leaf: the first matching rule, fitted to ``shape``."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            break
+    else:
+        spec = P()
+    spec = tuple(spec)[-len(shape):] if shape else ()
+    spec = (None,) * (len(shape) - len(spec)) + spec  # right-aligned
+    fitted = []
+    for dim, axis in zip(shape, spec):
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fitted.append(axis if names and size > 1 and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+    def one(path, leaf):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        shape = getattr(leaf, "shape", ())
+        return NamedSharding(mesh, spec_for(name, shape, mesh, rules))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Examples split over data x fsdp, everything else whole."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """This process's numpy batch -> global jax.Arrays sharded over data x fsdp."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+            for k, v in local.items()}
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Host (numpy) pytree -> device arrays with the given shardings (every process holds all)."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
