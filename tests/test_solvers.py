@@ -30,23 +30,37 @@ def toy_exact(z, s, t):
     return a_t * MU + jnp.sqrt(a_t**2 * STD**2 + g_t**2) * (z - a_s * MU) / jnp.sqrt(a_s**2 * STD**2 + g_s**2)
 
 
-def toy_errors(s, t):
-    """Mean |Psi(z_s) - exact| per example, for each solver."""
-    s, t = jnp.asarray(s, jnp.int32), jnp.asarray(t, jnp.int32)
+@jax.jit
+def _toy_errors(s, t):
+    """Mean |Psi(z_s) - exact| per example [B], for each solver."""
     k0, k1 = jax.random.split(jax.random.PRNGKey(0))
     x0 = MU + STD * jax.random.normal(k0, (len(s), 4, 8, 8))
     a, g = (expand_like(v, x0) for v in alpha_sigma(SCHEDULE, s))
     z = a * x0 + g * jax.random.normal(k1, x0.shape)
     exact = toy_exact(z, s, t)
-    return {name: np.asarray(jnp.abs(step(toy_denoise, z, s, t, SCHEDULE) - exact).mean((1, 2, 3)))
+    return {name: jnp.abs(step(toy_denoise, z, s, t, SCHEDULE) - exact).mean((1, 2, 3))
             for name, step in solvers.SOLVERS.items()}
 
 
+GRIDS = {k: np.arange(999, 0, -k) for k in (20, 50)}  # every interval of a k-skipping grid
+SHRINK_STARTS, SHRINK_KS = np.array([499, 259, 99, 39]), (39, 20, 10)
+
+
+@pytest.fixture(scope="module")
+def toy_errors():
+    """All toy intervals in one batch (one compile): {(k, s): {solver: error}}."""
+    pairs = [(k, int(s)) for k, grid in GRIDS.items() for s in grid]
+    pairs += [(k, int(s)) for k in SHRINK_KS for s in SHRINK_STARTS]
+    s = np.array([p[1] for p in pairs])
+    t = np.maximum(s - np.array([p[0] for p in pairs]), 0)
+    err = {k: np.asarray(v) for k, v in _toy_errors(jnp.asarray(s, jnp.int32), jnp.asarray(t, jnp.int32)).items()}
+    return {p: {name: err[name][i] for name in err} for i, p in enumerate(pairs)}
+
+
 @pytest.mark.parametrize("k", [20, 50])
-def test_second_order_solvers_beat_ddim(k):
-    s = np.arange(999, 0, -k)  # every interval of the k-skipping grid, one per example
-    t = np.maximum(s - k, 0)
-    err = toy_errors(s, t)
+def test_second_order_solvers_beat_ddim(toy_errors, k):
+    s = GRIDS[k]
+    err = {name: np.array([toy_errors[(k, int(x))][name] for x in s]) for name in solvers.SOLVERS}
     assert np.all(err["dpm"] < err["ddim"]), err
     assert np.all(err["dpm++"] < err["ddim"]), err
     # second order: far below DDIM away from t = 0 (where the step in lambda is largest)
@@ -54,11 +68,9 @@ def test_second_order_solvers_beat_ddim(k):
     assert np.all(err["dpm++"][s >= 99] < 0.25 * err["ddim"][s >= 99])
 
 
-def test_errors_shrink_with_the_interval():
-    starts = np.array([499, 259, 99, 39])
-    errs = [toy_errors(starts, starts - k) for k in (39, 20, 10)]
+def test_errors_shrink_with_the_interval(toy_errors):
     for name in solvers.SOLVERS:
-        e = np.stack([x[name] for x in errs])  # [k, start]
+        e = np.array([[toy_errors[(k, int(s))][name] for s in SHRINK_STARTS] for k in SHRINK_KS])
         assert np.all(e[0] > e[1]) and np.all(e[1] > e[2]), (name, e)
 
 
@@ -75,9 +87,9 @@ def test_ddim_step_matches_diffusers():
         a, g = (expand_like(v, z_) for v in alpha_sigma(SCHEDULE, t_))
         return (z_ - g * eps_model) / a, jnp.asarray(eps_model)
 
-    ours = np.asarray(solvers.ddim_step(denoise, z, s, t, SCHEDULE))
+    ours = np.asarray(jax.jit(lambda z_: solvers.ddim_step(denoise, z_, s, t, SCHEDULE))(z))
     ac = np.asarray(SCHEDULE.alphas_cumprod)
-    x0, eps = (np.asarray(v) for v in denoise(z, s))
+    x0, eps = (np.asarray(v) for v in jax.jit(denoise)(z, s))
     ac_prev = np.concatenate([[ac[0]], ac[np.arange(19, 1000, 20)[:-1]]])[(s - 19) // 20]  # DDIMSolver
     ref = np.sqrt(ac_prev)[:, None, None, None] * x0 + np.sqrt(1 - ac_prev)[:, None, None, None] * eps
     np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -92,7 +104,8 @@ def test_ddim_step_matches_diffusers():
 def test_ddim_step_to_zero_uses_alphas_cumprod_0():
     z = jnp.ones((1, 1, 2, 2))
     x0, eps = jnp.full_like(z, 2.0), jnp.full_like(z, -1.0)
-    out = solvers.ddim_step(lambda z_, t_: (x0, eps), z, jnp.array([19]), jnp.array([0]), SCHEDULE)
+    out = jax.jit(lambda: solvers.ddim_step(lambda z_, t_: (x0, eps), z, jnp.array([19]),
+                                           jnp.array([0]), SCHEDULE))()
     ac0 = float(SCHEDULE.alphas_cumprod[0])
     np.testing.assert_allclose(np.asarray(out), 2 * np.sqrt(ac0) - np.sqrt(1 - ac0), rtol=1e-6)
 
@@ -106,22 +119,20 @@ def test_solver_calls_and_jit(name):
         calls.append(t.shape)
         return toy_denoise(z, t)
 
-    step = solvers.get_solver(name)
+    step = jax.jit(lambda z, s, t: solvers.get_solver(name)(denoise, z, s, t, SCHEDULE))
     z = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 8, 8))
     s, t = jnp.array([999, 39]), jnp.array([979, 19])
-    eager = step(denoise, z, s, t, SCHEDULE)
+    both = step(z, s, t)
     assert len(calls) == solvers.SOLVER_EVALS[name] and all(c == (2,) for c in calls)
-    jitted = jax.jit(lambda z, s, t: step(toy_denoise, z, s, t, SCHEDULE))(z, s, t)
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=1e-5)
     # each example depends only on its own interval
-    one = step(toy_denoise, z[1:], s[1:], t[1:], SCHEDULE)
-    np.testing.assert_allclose(np.asarray(eager[1:]), np.asarray(one), atol=1e-6)
+    swapped = step(z[::-1], s[::-1], t[::-1])
+    np.testing.assert_allclose(np.asarray(both), np.asarray(swapped[::-1]), atol=1e-6)
 
 
 def test_midpoint_is_strictly_inside():
     s = jnp.array([999, 19, 2, 1, 20])
     t = jnp.array([979, 0, 0, 0, 0])
-    mid = np.asarray(solvers._midpoint(SCHEDULE, s, t))
+    mid = np.asarray(jax.jit(solvers._midpoint)(SCHEDULE, s, t))
     assert np.all((mid > np.asarray(t))[:4] | (np.asarray(s - t) < 2)[:4])
     assert mid[2] == 1 and mid[3] == 0  # one integer inside; none inside -> t (r = 1)
     assert np.all(mid[[0, 1, 4]] < np.asarray(s)[[0, 1, 4]])
