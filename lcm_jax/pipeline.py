@@ -17,7 +17,7 @@ import numpy as np
 
 from lcm_jax import sampling, weights
 from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel, load_tokenizer, tokenize
-from lcm_jax.models.embeddings import guidance_embedding
+from lcm_jax.models.embeddings import TimestepEmbedding, guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.models.vae import AutoencoderKL, VAEConfig
 from lcm_jax.schedules import NoiseSchedule, lcm_timesteps
@@ -103,8 +103,7 @@ class LCMPipeline:
         unet_params, missing = weights.load_params(os.path.join(path, "unet"), unet_shapes(unet),
                                                    allow_missing=new_cond_proj)
         if missing:
-            init = unet.init(jax.random.PRNGKey(0), *_unet_dummy(unet_cfg))["params"]
-            unet_params["time_embedding"]["cond_proj"] = jax.device_get(init["time_embedding"]["cond_proj"])
+            unet_params["time_embedding"]["cond_proj"] = init_cond_proj(unet_cfg, zero_init_cond_proj)
 
         vae = AutoencoderKL(VAEConfig.from_diffusers_config(weights.read_config(os.path.join(path, "vae"))),
                             dtype=dtype)
@@ -246,11 +245,15 @@ class LCMPipeline:
         return self._compiled[key]
 
 
-def _unet_dummy(cfg: UNetConfig):
-    f = 2 ** (len(cfg.block_out_channels) - 1)
-    cond = None if cfg.time_cond_proj_dim is None else jnp.zeros((1, cfg.time_cond_proj_dim))
-    return (jnp.zeros((1, cfg.in_channels, f, f)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 1, cfg.cross_attention_dims[0])), cond)
+def init_cond_proj(cfg: UNetConfig, zero_init: bool = True, seed: int = 0) -> Any:
+    """Fresh params of a student's new ``time_embedding.cond_proj`` (zeros: student == teacher).
+
+    Only the TimestepEmbedding is initialised; an eager init of the whole UNet costs a minute.
+    """
+    emb = TimestepEmbedding(cfg.time_embed_dim, cfg.time_cond_proj_dim, zero_init)
+    params = emb.init(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.block_out_channels[0])),
+                      jnp.zeros((1, cfg.time_cond_proj_dim)))["params"]
+    return jax.device_get(params["cond_proj"])
 
 
 def make_model_fn(unet: UNet2DConditionModel, params: Any, cond: jax.Array,

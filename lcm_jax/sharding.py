@@ -51,9 +51,10 @@ def make_mesh(mesh_config, devices: Optional[Sequence[Any]] = None) -> Mesh:
     if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
         raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not fit {len(devices)} devices")
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(AXES, sizes))} uses {int(np.prod(sizes))} devices, "
-                         f"but there are {len(devices)}")
+    if int(np.prod(sizes)) < len(devices):
+        logging.warning("mesh %s uses %d of the %d devices", dict(zip(AXES, sizes)),
+                        int(np.prod(sizes)), len(devices))
+        devices = devices[:int(np.prod(sizes))]
     from jax.experimental import mesh_utils
     try:
         grid = mesh_utils.create_device_mesh(sizes, devices)

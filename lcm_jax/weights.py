@@ -155,49 +155,121 @@ def read_config(folder: str, name: str = "config.json") -> dict:
         return json.load(f)
 
 
+def _weight_names(base: str, variant: str | None) -> tuple[str, str]:
+    """(single file, shard index) names as diffusers/transformers write them for ``variant``:
+    ``diffusion_pytorch_model.fp16.safetensors`` and ``diffusion_pytorch_model.safetensors.index.fp16.json``."""
+    v = f".{variant}" if variant else ""
+    return f"{base}{v}.safetensors", f"{base}.safetensors.index{v}.json"
+
+
+def _available_variants(names: Iterable[str]) -> list[str]:
+    """Variants (``fp16``, ``bf16``, ...) whose PyTorch weights a folder listing holds."""
+    bases = "|".join(map(re.escape, TORCH_WEIGHT_NAMES))
+    pats = (re.compile(rf"(?:{bases})\.([\w]+)(?:-\d+-of-\d+)?\.safetensors"),
+            re.compile(rf"(?:{bases})\.safetensors\.index\.([\w]+)\.json"))
+    return sorted({m.group(1) for n in names for p in pats for m in [p.fullmatch(n)] if m})
+
+
 def _find_weight_files(folder: str, variant: str | None) -> tuple[str, list[str]]:
-    """('torch', [safetensors files]) or ('flax', [msgpack file]) for a component folder."""
+    """('torch', [safetensors files]) or ('flax', [msgpack file]) for a component folder.
+
+    Order: the requested ``variant``; the default (no variant) weights; Flax msgpack. With no
+    ``variant`` and only one variant on disk (a folder saved with ``variant="fp16"`` alone),
+    that one is loaded, since the weights are upcast to float32 anyway; with several, the
+    caller must choose. A requested variant that is absent falls back to the default weights
+    with a warning, as diffusers' pipelines do.
+    """
     import json
+    import logging
     import os
-    suffixes = ([f".{variant}"] if variant else []) + [""]
-    for suffix in suffixes:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"weights folder {folder!r} does not exist")
+    names = set(os.listdir(folder))
+
+    def torch_files(v: str | None) -> list[str] | None:
         for base in TORCH_WEIGHT_NAMES:
-            single = os.path.join(folder, f"{base}{suffix}.safetensors")
-            if os.path.isfile(single):
-                return "torch", [single]
-            index = os.path.join(folder, f"{base}{suffix}.safetensors.index.json")
-            if os.path.isfile(index):
-                with open(index) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-                return "torch", [os.path.join(folder, s) for s in shards]
+            single, index = _weight_names(base, v)
+            if single in names:
+                return [os.path.join(folder, single)]
+            if index in names:
+                path = os.path.join(folder, index)
+                try:
+                    with open(path) as f:
+                        shards = sorted(set(json.load(f)["weight_map"].values()))
+                except (ValueError, KeyError, AttributeError, TypeError) as e:
+                    raise WeightsError(f"cannot read shard index {path!r}: expected JSON with a "
+                                       f"'weight_map' of tensor name -> shard file ({e!r})") from e
+                return [os.path.join(folder, s) for s in shards]
+        return None
+
+    files = torch_files(variant) if variant else None
+    if files is None:
+        files = torch_files(None)
+        if files and variant:
+            logging.warning("%r has no %r variant weights; loading the default %s", folder, variant,
+                            os.path.basename(files[0]))
+    if files:
+        return "torch", files
     for name in FLAX_WEIGHT_NAMES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return "flax", [path]
-    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder does not exist"
+        if name in names:
+            return "flax", [os.path.join(folder, name)]
+    variants = _available_variants(names)
+    if variant is None and len(variants) == 1:
+        logging.info("%r has only the %r variant weights; loading them", folder, variants[0])
+        return "torch", torch_files(variants[0])
+    if variant is None and variants:
+        raise FileNotFoundError(f"{folder!r} has no default weights but the variants {variants}: "
+                                f"pass variant=<one of them>")
+    expected = [n for base in TORCH_WEIGHT_NAMES for n in _weight_names(base, variant)]
+    if variant:
+        expected += [n for base in TORCH_WEIGHT_NAMES for n in _weight_names(base, None)]
+    bins = sorted(n for n in names if n.endswith(".bin"))
+    hint = f"; PyTorch pickles ({', '.join(bins)}) are not read: convert them to safetensors" if bins else ""
     raise FileNotFoundError(
-        f"no weights in {folder!r} (found: {present}); expected one of "
-        f"{[b + '.safetensors' for b in TORCH_WEIGHT_NAMES]}, a sharded "
-        f"'*.safetensors.index.json', an fp16 variant, or {list(FLAX_WEIGHT_NAMES)}")
+        f"no weights in {folder!r} (found: {sorted(names)}); expected one of "
+        f"{expected + list(FLAX_WEIGHT_NAMES)}{hint}")
+
+
+# safetensors dtype -> numpy; bfloat16 (which safetensors.numpy cannot read) via ml_dtypes.
+def _np_dtypes() -> dict:
+    import ml_dtypes
+    return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+            "BOOL": np.bool_}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as float32 numpy (fp16/bf16/fp32 checkpoints alike)."""
+    from safetensors import deserialize
+    dtypes = _np_dtypes()
+    try:
+        with open(path, "rb") as f:
+            items = deserialize(f.read())
+    except Exception as e:  # name the file; keep the cause
+        raise WeightsError(f"cannot read safetensors file {path!r} (truncated or not safetensors?): {e}") from e
+    out = {}
+    for name, t in items:
+        if t["dtype"] not in dtypes:
+            raise WeightsError(f"{path!r}: tensor {name!r} has dtype {t['dtype']}, expected one of {sorted(dtypes)}")
+        arr = np.frombuffer(t["data"], dtypes[t["dtype"]]).reshape(t["shape"])
+        out[name] = arr.astype(np.float32)
+    return out
 
 
 def load_params(folder: str, target: Params, *, allow_missing: Iterable[tuple[str, ...]] = (),
                 variant: str | None = None) -> tuple[Params, list[tuple[str, ...]]]:
-    """Load a component's weights (safetensors or Flax msgpack) strictly onto ``target``'s tree.
+    """Load a component's weights (safetensors, single or sharded, or Flax msgpack) strictly onto
+    ``target``'s tree.
 
-    ``target`` gives the expected structure and shapes (``jax.eval_shape`` of the init).
+    ``target`` gives the expected structure and shapes (``jax.eval_shape`` of the init);
+    ``variant`` (e.g. ``"fp16"``) picks ``*.fp16.safetensors`` files (see ``_find_weight_files``).
     Returns float32 numpy params and the ``allow_missing`` paths the file lacked.
     """
     kind, files = _find_weight_files(folder, variant)
     if kind == "torch":
-        from safetensors.numpy import load_file
         state = {}
         for f in files:
-            try:
-                state.update(load_file(f))
-            except Exception as e:  # name the file; keep the cause
-                raise WeightsError(f"cannot read safetensors file {f!r}: {e}") from e
-        state = {k: v.astype(np.float32) for k, v in state.items()}
+            state.update(read_safetensors(f))
         return torch_to_flax(state, target, allow_missing)
     from flax import serialization
     with open(files[0], "rb") as f:

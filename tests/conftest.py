@@ -11,3 +11,8 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 jax.config.update("jax_default_matmul_precision", "highest")
 # Compile fast (as the flax examples do in tests); numerics stay fp32-exact.
 jax.config.update("jax_disable_most_optimizations", True)
+# Identical programs compiled again (every train() call builds its own jit) come from disk.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "lcm_jax_test_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

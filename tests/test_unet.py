@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.pipelines import LatentConsistencyModelPipeline
+from jax.extend.core import jaxprs_in_params
 
 from lcm_jax.models.embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -94,6 +95,46 @@ def test_weights_round_trip_exact():
     assert set(back) == set(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def _count_remats(jaxpr) -> int:
+    """jax.checkpoint (remat) equations in a closed jaxpr, nested ones included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name.startswith(("remat", "checkpoint"))  # "remat2" in jax 0.10
+        for sub in jaxprs_in_params(eqn.params):
+            n += _count_remats(sub)
+    return n
+
+
+def test_remat_keeps_params_and_gradients():
+    """remat="block"/"full" checkpoint 5/20 modules of the lcm config (2 down + mid + 2 up
+    blocks; + 8 resnets and 7 transformers) yet give the same param tree and gradients."""
+    _, _, cfg, inputs = _case("lcm")
+    params = _flax_case("lcm")[0]
+    target = np.random.default_rng(1).standard_normal(inputs["sample"].shape, dtype=np.float32)
+
+    def grads(remat):
+        model = UNet2DConditionModel(cfg, remat=remat)
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), **inputs)["params"]
+        loss = lambda p: jnp.mean((model.apply({"params": p}, **inputs) - target) ** 2)  # noqa: E731
+        n_remat = _count_remats(jax.make_jaxpr(loss)(params).jaxpr)
+        return shapes, n_remat, jax.jit(jax.grad(loss))(params)
+
+    ref_shapes, n_ref, ref = grads("none")
+    assert n_ref == 0
+    for remat, n_expected in (("block", 5), ("full", 20)):
+        shapes, n, g = grads(remat)
+        assert jax.tree.structure(shapes) == jax.tree.structure(ref_shapes)
+        assert jax.tree.map(lambda a, b: a.shape == b.shape, shapes, ref_shapes) == \
+            jax.tree.map(lambda a: True, ref_shapes)
+        assert n == n_expected, (remat, n)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=remat), g, ref)
+
+
+def test_remat_unknown_mode_raises():
+    with pytest.raises(ValueError, match="'blocks'"):
+        UNet2DConditionModel(_case("sd1")[2], remat="blocks")
 
 
 def test_bfloat16_compute_close_to_fp32():

@@ -1,6 +1,5 @@
 """VAE and CLIP text encoder: tiny random diffusers/transformers models -> our Flax modules."""
 import json
-import os
 from functools import partial
 
 import jax
@@ -10,47 +9,13 @@ import pytest
 import torch
 
 from lcm_jax.models import clip, vae
+from lcm_jax.tokenizer import build_word_tokenizer
 from lcm_jax.weights import flax_to_torch, torch_to_flax
 
 ATOL = 1e-4
 
 
-def make_tiny_tokenizer(folder, words=("a", "photo", "of", "cat", "dog"), model_max_length=77):
-    """Write a tiny byte-level BPE CLIP tokenizer (vocab.json, merges.txt) to ``folder``, save it
-    there with save_pretrained as well, and return it. Ids: 512 byte tokens, the word merges,
-    then <|startoftext|>, <|endoftext|> (the largest id, as in CLIP); pad = <|endoftext|>."""
-    from transformers import CLIPTokenizer
-
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs, n = bs[:], 0
-    for b in range(256):  # GPT-2's bytes_to_unicode
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    merges = []
-    for w in words:
-        syms = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(syms) > 1:
-            if (syms[0], syms[1]) not in merges:
-                merges.append((syms[0], syms[1]))
-            syms = [syms[0] + syms[1]] + syms[2:]
-            vocab.setdefault(syms[0], len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(vocab=os.path.join(folder, "vocab.json"), merges=os.path.join(folder, "merges.txt"),
-                        model_max_length=model_max_length)
-    tok.save_pretrained(folder)
-    return tok
+WORDS = ("a", "photo", "of", "cat", "dog")
 
 
 def _perturb(module, scale=0.1, seed=0):
@@ -179,7 +144,7 @@ CLIP_CFG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_a
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizer")
-    make_tiny_tokenizer(str(folder))
+    build_word_tokenizer(str(folder), WORDS, model_max_length=77)
     return clip.load_tokenizer(folder)
 
 
@@ -298,10 +263,12 @@ def test_tokenizer(tokenizer, tmp_path):
     assert clip.tokenize(tokenizer, ["a cat"], 8).shape == (1, 8)
 
     raw = tmp_path / "raw"  # diffusers-style folder: vocab.json + merges.txt only
-    make_tiny_tokenizer(str(raw))
-    for name in os.listdir(raw):
-        if name not in ("vocab.json", "merges.txt"):
-            os.remove(raw / name)
+    build_word_tokenizer(str(tmp_path / "fast"), WORDS, model_max_length=77)
+    bpe = json.loads((tmp_path / "fast" / "tokenizer.json").read_text())["model"]
+    raw.mkdir()
+    (raw / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "".join(
+        (m if isinstance(m, str) else " ".join(m)) + "\n" for m in bpe["merges"]))
     np.testing.assert_array_equal(clip.tokenize(clip.load_tokenizer(raw), ["a photo of a cat"], 77), ids[:1])
 
     missing = tmp_path / "no_such_tokenizer"

@@ -25,6 +25,9 @@ IntOrTuple = Union[int, tuple]
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+# Activation checkpointing: "none"; "block": each down/mid/up block is recomputed in the
+# backward pass; "full": also each ResnetBlock2D/Transformer2DModel inside a block (nested).
+REMAT_MODES = ("none", "block", "full")
 
 # diffusers config keys we do not implement: the only values accepted for each.
 _FIXED_KEYS: dict[str, tuple] = {
@@ -292,13 +295,14 @@ class DownBlock(nn.Module):
     heads: int = 1
     depths: Optional[tuple[int, ...]] = None
     dtype: jnp.dtype = jnp.float32
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context):
         # x: [B, H, W, C_in] -> [B, H/2, W/2, C_out]
         skips = []
         for j in range(self.num_layers):
-            x = ResnetBlock2D(x.shape[-1], self.out_channels, self.attn.groups, self.attn.eps,
+            x = _resnet(self)(x.shape[-1], self.out_channels, self.attn.groups, self.attn.eps,
                               dtype=self.dtype, name=f"resnets_{j}")(x, temb)
             if self.depths is not None:
                 x = _transformer(self, f"attentions_{j}", self.out_channels, self.heads,
@@ -317,14 +321,15 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     heads: int
     depths: tuple[int, ...] = (1,)
     dtype: jnp.dtype = jnp.float32
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(self, x, temb, context):
         c = x.shape[-1]
-        x = ResnetBlock2D(c, c, self.attn.groups, self.attn.eps, dtype=self.dtype, name="resnets_0")(x, temb)
+        x = _resnet(self)(c, c, self.attn.groups, self.attn.eps, dtype=self.dtype, name="resnets_0")(x, temb)
         for j, depth in enumerate(self.depths):
             x = _transformer(self, f"attentions_{j}", c, self.heads, depth)(x, context)
-            x = ResnetBlock2D(c, c, self.attn.groups, self.attn.eps, dtype=self.dtype,
+            x = _resnet(self)(c, c, self.attn.groups, self.attn.eps, dtype=self.dtype,
                               name=f"resnets_{j + 1}")(x, temb)
         return x
 
@@ -340,13 +345,14 @@ class UpBlock(nn.Module):
     heads: int = 1
     depths: Optional[tuple[int, ...]] = None
     dtype: jnp.dtype = jnp.float32
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(self, x, skips, temb, context, upsample_size=None):
         # x: [B, h, w, C_prev], skips: num_layers arrays [B, h, w, C_skip] (last is used first)
         for j in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)
-            x = ResnetBlock2D(x.shape[-1], self.out_channels, self.attn.groups, self.attn.eps,
+            x = _resnet(self)(x.shape[-1], self.out_channels, self.attn.groups, self.attn.eps,
                               dtype=self.dtype, name=f"resnets_{j}")(x, temb)
             if self.depths is not None:
                 x = _transformer(self, f"attentions_{j}", self.out_channels, self.heads,
@@ -356,9 +362,23 @@ class UpBlock(nn.Module):
         return x
 
 
+# nn.remat'd twins of the modules (same names and params; only the backward pass differs).
+# UpBlock's ``upsample_size`` (argnum 5, counting self) is a shape tuple, hence static.
+_RematResnet = nn.remat(ResnetBlock2D)
+_RematTransformer = nn.remat(Transformer2DModel)
+_RematDownBlock = nn.remat(DownBlock)
+_RematMidBlock = nn.remat(UNetMidBlock2DCrossAttn)
+_RematUpBlock = nn.remat(UpBlock, static_argnums=(5,))
+
+
+def _resnet(parent: nn.Module) -> type:
+    return _RematResnet if parent.remat_layers else ResnetBlock2D
+
+
 def _transformer(parent: nn.Module, name: str, channels: int, heads: int, depth: int) -> Transformer2DModel:
     a = parent.attn
-    return Transformer2DModel(heads, channels // heads, depth, a.use_linear_projection, a.upcast_attention,
+    cls = _RematTransformer if parent.remat_layers else Transformer2DModel
+    return cls(heads, channels // heads, depth, a.use_linear_projection, a.upcast_attention,
                               a.groups, dtype=parent.dtype, name=name)
 
 
@@ -372,11 +392,19 @@ class UNet2DConditionModel(nn.Module):
     ``dtype`` is the compute dtype (params stay float32). ``timestep_cond`` [B, time_cond_proj_dim]
     (LCM's guidance embedding) goes through ``time_embedding.cond_proj``; with
     ``zero_init_cond_proj`` a fresh cond_proj starts at zero (student == teacher at init).
+    ``remat`` (one of REMAT_MODES) trades backward-pass compute for activation memory; it
+    changes neither the params nor the outputs.
     """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
     zero_init_cond_proj: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"unknown remat={self.remat!r}; expected one of {REMAT_MODES}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -412,6 +440,10 @@ class UNet2DConditionModel(nn.Module):
         attn = _AttnSpec(cfg.use_linear_projection, cfg.upcast_attention, cfg.norm_num_groups, cfg.norm_eps)
         heads, channels, layers = cfg.heads_per_block, cfg.block_out_channels, cfg.layers_per_block_list
         n = cfg.num_blocks
+        remat_blocks, remat_layers = self.remat != "none", self.remat == "full"
+        down_cls = _RematDownBlock if remat_blocks else DownBlock
+        mid_cls = _RematMidBlock if remat_blocks else UNetMidBlock2DCrossAttn
+        up_cls = _RematUpBlock if remat_blocks else UpBlock
         pad = (cfg.conv_in_kernel - 1) // 2
         x = nn.Conv(channels[0], (cfg.conv_in_kernel,) * 2, padding=((pad, pad), (pad, pad)),
                     dtype=self.dtype, name="conv_in")(x)
@@ -420,15 +452,15 @@ class UNet2DConditionModel(nn.Module):
         skips = [x]
         for i, btype in enumerate(cfg.down_block_types):
             cross = btype == "CrossAttnDownBlock2D"
-            x, res = DownBlock(channels[i], layers[i], i < n - 1, attn, heads[i],
-                               cfg.down_transformer_depths[i] if cross else None,
-                               dtype=self.dtype, name=f"down_blocks_{i}")(x, emb, context)
+            x, res = down_cls(channels[i], layers[i], i < n - 1, attn, heads[i],
+                              cfg.down_transformer_depths[i] if cross else None, dtype=self.dtype,
+                              remat_layers=remat_layers, name=f"down_blocks_{i}")(x, emb, context)
             skips.extend(res)
 
         # mid
         if cfg.mid_block_type is not None:
-            x = UNetMidBlock2DCrossAttn(attn, heads[-1], cfg.mid_transformer_depths,
-                                        dtype=self.dtype, name="mid_block")(x, emb, context)
+            x = mid_cls(attn, heads[-1], cfg.mid_transformer_depths, dtype=self.dtype,
+                        remat_layers=remat_layers, name="mid_block")(x, emb, context)
 
         # up
         rev_channels, rev_heads, rev_layers = channels[::-1], heads[::-1], layers[::-1]
@@ -439,9 +471,9 @@ class UNet2DConditionModel(nn.Module):
             last = i == n - 1
             # the next level's size (diffusers passes it when H, W are not multiples of 2**(n-1))
             size = None if last else skips[-1].shape[1:3]
-            x = UpBlock(rev_channels[i], k, not last, attn, rev_heads[i],
-                        cfg.up_transformer_depths[i] if cross else None,
-                        dtype=self.dtype, name=f"up_blocks_{i}")(x, tuple(res), emb, context, size)
+            x = up_cls(rev_channels[i], k, not last, attn, rev_heads[i],
+                       cfg.up_transformer_depths[i] if cross else None, dtype=self.dtype,
+                       remat_layers=remat_layers, name=f"up_blocks_{i}")(x, tuple(res), emb, context, size)
 
         # out
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, use_fast_variance=False,

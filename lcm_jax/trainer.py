@@ -1,0 +1,257 @@
+"""train(config, workdir): LCD / LCF, read top to bottom in sections (big_vision style).
+
+mesh -> teacher & student -> data -> sharded init -> restore -> compiled step -> loop
+(log, checkpoint, sample grids, pre-emption) -> export WORKDIR/final (diffusers layout).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from lcm_jax import checkpoint as ckpt_lib
+from lcm_jax import distill, sharding
+from lcm_jax.data.batcher import Batcher
+from lcm_jax.data.sources import DIGIT_WORDS, load_source
+from lcm_jax.images import save_grid
+from lcm_jax.models.clip import tokenize
+from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from lcm_jax.pipeline import LCMPipeline, check_pipeline_folder, init_cond_proj, resolve_dtype
+
+REMAT = ("none", "block", "full")
+EXPORT = ("ema", "online")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
+
+
+def validate_config(config) -> distill.DistillSpec:
+    """Every check that can fail on the config alone, before any model is loaded or compiled."""
+    spec = distill.DistillSpec.from_config(config)
+    resolve_dtype(config.dtype)
+    for key in ("num_steps", "batch_size", "grad_accum"):
+        if int(config[key]) < 1:
+            raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+    if config.learning_rate <= 0:
+        raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    if config.remat not in REMAT:
+        raise ValueError(f"config.remat {config.remat!r} is not supported: expected one of {REMAT}")
+    if config.get("export_params", "ema") not in EXPORT:
+        raise ValueError(f"config.export_params {config.export_params!r}: expected one of {EXPORT}")
+    if config.cond_proj_init not in ("zeros", "default"):
+        raise ValueError(f"config.cond_proj_init {config.cond_proj_init!r}: expected zeros | default")
+    if not config.pretrained and not (config.tiny_teacher and config.mode == "lcd"):
+        raise ValueError("config.pretrained is empty: set it to a diffusers-layout pipeline folder "
+                         "(unet/ vae/ text_encoder/ tokenizer/ scheduler/), or tiny_teacher=True for lcd")
+    if config.pretrained:
+        check_pipeline_folder(config.pretrained)
+    if not 0.0 <= config.lcd.ema_decay <= 1.0:
+        raise ValueError(f"config.lcd.ema_decay must be in [0, 1], got {config.lcd.ema_decay}")
+    return spec
+
+
+def _config_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def build_student(teacher_unet: UNet2DConditionModel, teacher_params: Any, config) -> tuple[UNet2DConditionModel, Any]:
+    """The teacher's UNet plus a bias-free time_embedding.cond_proj (omega embedding).
+
+    cond_proj is zero-initialised by default so the student starts exactly as the teacher.
+    """
+    cfg = dataclasses.replace(teacher_unet.config, time_cond_proj_dim=config.time_cond_proj_dim)
+    student = UNet2DConditionModel(cfg, dtype=teacher_unet.dtype, remat=config.remat,
+                                   zero_init_cond_proj=config.cond_proj_init == "zeros")
+    params = jax.tree.map(np.asarray, teacher_params)
+    params["time_embedding"] = dict(params["time_embedding"],
+                                    cond_proj=init_cond_proj(cfg, config.cond_proj_init == "zeros", config.seed))
+    return student, params
+
+
+def train(config, workdir: str) -> str:
+    """Run (or resume) training; returns the path of the exported ``WORKDIR/final`` pipeline."""
+    # ------------------------------------------------------------------ config and mesh
+    spec = validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    is_main = jax.process_index() == 0
+    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by data x fsdp = "
+                         f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+
+    # ------------------------------------------------------------------ teacher and student
+    pretrained = config.pretrained
+    if not pretrained:
+        pretrained = os.path.join(workdir, "teacher")
+        if not os.path.isdir(os.path.join(pretrained, "unet")):
+            from lcm_jax.tiny import make_tiny_pipeline
+            if is_main:
+                make_tiny_pipeline(pretrained, DIGIT_WORDS, resolution=config.data.resolution, seed=config.seed)
+    pipe = LCMPipeline.from_pretrained(pretrained, dtype=config.dtype)
+    if spec.mode == "lcd":
+        if pipe.is_lcm:
+            raise ValueError(f"{pretrained!r} is already an LCM (its UNet has time_cond_proj_dim); "
+                             "LCD needs a plain diffusion teacher (use mode=lcf to fine-tune an LCM)")
+        student, params = build_student(pipe.unet, pipe.unet_params, config)
+        teacher = pipe.unet
+    else:
+        if not pipe.is_lcm:
+            raise ValueError(f"mode=lcf fine-tunes an LCM, but {pretrained!r} has no time_cond_proj_dim "
+                             "(distil it with mode=lcd first)")
+        student = pipe.unet.clone(remat=config.remat)
+        params, teacher = pipe.unet_params, None
+    models = distill.Models(student, teacher, pipe.vae, pipe.text_encoder, pipe.schedule)
+
+    # ------------------------------------------------------------------ data
+    images, captions = load_source(config.data.source, config.data.path, config.data.resolution,
+                                   config.data.center_crop)
+    batcher = Batcher(images, tokenize(pipe.tokenizer, captions), config.batch_size, config.seed,
+                      config.data.random_flip, jax.process_index(), jax.process_count())
+    logging.info("data: %d examples from %s", len(images), config.data.source)
+
+    # ------------------------------------------------------------------ sharded init
+    frozen = {"vae": pipe.vae_params, "text": pipe.text_params, "uncond": np.asarray(pipe.encode_prompt([""]))}
+    if teacher is not None:
+        frozen["teacher"] = pipe.unet_params
+    frozen_sh = sharding.tree_shardings(frozen, mesh)
+    frozen = sharding.put(frozen, frozen_sh)
+    tx = distill.make_optimizer(config)
+    init_fn = functools.partial(distill.init_state, tx=tx, seed=config.seed)
+    abstract = jax.eval_shape(init_fn, params)
+    state_sh = sharding.tree_shardings(abstract, mesh)
+    params_sh = sharding.tree_shardings(params, mesh)
+    state = jax.jit(init_fn, in_shardings=(params_sh,), out_shardings=state_sh)(sharding.put(params, params_sh))
+    del params
+
+    # ------------------------------------------------------------------ restore
+    config_dict = _config_dict(config)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                 every=config.checkpoint_every)
+    restored = ckpt.restore(ckpt_lib.abstract_like(state, state_sh), config_dict)
+    if restored is not None:
+        state, data_state, step = restored
+        batcher.restore(data_state)
+        logging.info("resumed from step %d (%s)", step, ckpt.directory)
+
+    # ------------------------------------------------------------------ compiled step
+    example = next(iter(dataclasses.replace(batcher)))  # a copy: the real position is untouched
+    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
+    batch_abstract = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sh[k])
+                      for k, v in example.items()}
+    step_fn = jax.jit(functools.partial(distill.train_step, spec=spec, models=models, tx=tx),
+                      in_shardings=(state_sh, batch_sh, frozen_sh),
+                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    t0 = time.time()
+    compiled = step_fn.lower(ckpt_lib.abstract_like(state, state_sh), batch_abstract, frozen).compile()
+    logging.info("train step compiled in %.1fs", time.time() - t0)
+
+    # ------------------------------------------------------------------ loop
+    writer = _MetricWriter(workdir) if is_main else None
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    start = int(jax.device_get(state.step))
+    pending: Optional[tuple[int, dict]] = None
+    bar = tqdm.tqdm(total=config.num_steps, initial=start, disable=not is_main, desc=spec.mode)
+    t_last, n_last = time.time(), start
+    try:
+        for step in range(start + 1, config.num_steps + 1):
+            batch = sharding.global_batch(next(batcher), mesh)
+            state, metrics = compiled(state, batch, frozen)
+            if pending is not None:  # check the previous step while this one runs
+                _check_finite(*pending)
+            pending = (step, metrics)
+            if step % config.log_every == 0 or step == config.num_steps:
+                m = jax.device_get(metrics)
+                _check_finite(step, m)
+                rate = (step - n_last) / max(time.time() - t_last, 1e-9)
+                t_last, n_last = time.time(), step
+                bar.set_postfix(loss=f"{m['loss']:.4g}", steps_per_s=f"{rate:.2f}")
+                if writer is not None:
+                    row = {**{k: float(v) for k, v in m.items()}, "steps_per_s": rate,
+                           "lr": float(distill.learning_rate(config, step))}
+                    writer.write(step, row)
+            bar.update(1)
+            if step % config.checkpoint_every == 0 or stop["signal"] is not None:
+                _check_finite(*pending)
+                ckpt.save(step, state, batcher.state(), config_dict, force=True)
+            if is_main and config.sample_every and step % config.sample_every == 0:
+                _sample_grids(pipe, student, _export_params(state, config), config,
+                              os.path.join(workdir, "samples", f"step_{step:07d}"))
+            if stop["signal"] is not None:
+                logging.warning("received signal %s: saved step %d, exiting", stop["signal"], step)
+                ckpt.close()
+                return ""
+        if pending is not None:
+            _check_finite(*pending)
+        ckpt.save(config.num_steps, state, batcher.state(), config_dict, force=True)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.wait()
+        if writer is not None:
+            writer.close()
+
+    # ------------------------------------------------------------------ export
+    final = os.path.join(workdir, "final")
+    if is_main:
+        out = dataclasses.replace(pipe, unet=student.clone(remat="none"), unet_params=None, _compiled={})
+        out.unet_params = jax.device_get(_export_params(state, config))
+        out.save_pretrained(final)
+        _sample_grids(out, out.unet, out.unet_params, config, os.path.join(workdir, "samples", "final"))
+    ckpt.close()
+    return final
+
+
+def _export_params(state: distill.TrainState, config) -> Any:
+    """theta^- (the EMA target; default) or the online student params."""
+    from lcm_jax.ema import ema_params
+    return ema_params(state.opt_state) if config.get("export_params", "ema") == "ema" else state.params
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+    if not bool(jax.device_get(metrics["finite"])):
+        m = jax.device_get(metrics)
+        raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+                             f"grad_norm={float(m['grad_norm'])}); stopping. Checkpoints already "
+                             "written are untouched; lower learning_rate or check the data.")
+
+
+class _MetricWriter:
+    """TensorBoard scalars (WORKDIR/tensorboard) and the same rows in WORKDIR/metrics.jsonl."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, row: dict) -> None:
+        for k, v in row.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+        self.jsonl.close()
+
+
+def _sample_grids(pipe: LCMPipeline, unet: UNet2DConditionModel, params: Any, config, prefix: str) -> None:
+    """PNG grids of the fixed prompts at each of config.sample_steps LCM steps."""
+    lcm = dataclasses.replace(pipe, unet=unet.clone(remat="none"), unet_params=params, _compiled={})
+    prompts = list(config.sample_prompts)
+    for steps in config.sample_steps:
+        images = lcm(prompts, num_inference_steps=int(steps), guidance_scale=config.sample_guidance,
+                     scheduler="lcm", seed=config.seed, num_images_per_prompt=4)
+        save_grid(images, len(prompts), f"{prefix}_lcm{steps}.png")
