@@ -13,6 +13,7 @@ flags.DEFINE_string("workdir", None, "output folder: checkpoints, tensorboard, s
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.DEFINE_bool("multihost", False, "multi-host: let JAX detect the cluster (Cloud TPU, SLURM, MPI)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -32,7 +33,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from lcm_jax import sharding, trainer
-    sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                              auto=FLAGS.multihost)
     final = trainer.train(FLAGS.config, FLAGS.workdir)
     if final:
         logging.info("done: %s", final)

@@ -29,13 +29,15 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
 
 
 def init_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                     process_id: Optional[int] = None) -> None:
-    """jax.distributed.initialize() when flags or the environment ask for several processes
-    (explicit flags; SLURM/TPU/MPI environments are detected by JAX itself)."""
+                     process_id: Optional[int] = None, auto: bool = False) -> None:
+    """Start JAX's distributed runtime when several processes take part.
+
+    Explicit flags win; ``auto`` (or a SLURM job with several tasks) lets JAX detect the
+    cluster itself (SLURM, Cloud TPU, Open MPI). One process needs nothing.
+    """
     if coordinator_address or (num_processes or 1) > 1:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")) \
-            and int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1:
+    elif auto or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
