@@ -121,6 +121,7 @@ def test_sharded_equals_single_device(teacher, tmp_path):
                      losses[name][1]["params"], losses["one"][1]["params"])
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(teacher, tmp_path, caplog):
     wd = str(tmp_path)
     trainer.train(small_config(teacher, num_steps=4, checkpoint_every=2), wd)
@@ -145,13 +146,13 @@ def test_config_mismatch_on_resume_is_an_error(teacher, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(teacher, tmp_path):
-    wd = str(tmp_path)
-    trainer.train(small_config(teacher, num_steps=2), wd)
-    before = sorted(os.listdir(tmp_path / "checkpoints"))
-    with pytest.raises(trainer.NonFiniteError, match=r"at step \d+"):
+    # step 1 is finite and checkpointed; its update (lr 1e30) makes step 2 non-finite
+    with pytest.raises(trainer.NonFiniteError, match="at step 2"):
         trainer.train(small_config(teacher, num_steps=6, learning_rate=1e30, grad_clip=0.0,
-                                   checkpoint_every=100), wd)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+                                   checkpoint_every=1), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    state, _ = read_state(str(tmp_path), 1)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     assert not os.path.exists(tmp_path / "final")
 
 
