@@ -105,7 +105,7 @@ def build_weights(model: str, folder: str, seed: int = 0) -> Weights:
     if model == "sd15":
         unet_cfg, vae_cfg, text_cfg = sd15_configs(49408, len(tok) - 2, len(tok) - 1)
     else:
-        unet_cfg, vae_cfg, text_cfg = tiny_configs(resolution=64, vocab_size=len(tok), max_length=max_len)
+        unet_cfg, vae_cfg, text_cfg = tiny_configs(resolution=32, vocab_size=len(tok), max_length=max_len)
     rng = np.random.default_rng(seed)
     lcm_cfg = dataclasses.replace(unet_cfg, time_cond_proj_dim=256)
     lcm = random_params(unet_shapes(UNet2DConditionModel(lcm_cfg)), rng)
@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype of the sampler table (default: float32 tiny, bfloat16 sd15)")
-    p.add_argument("--size", type=int, default=None, help="image side (default: 64 tiny, 512 sd15)")
+    p.add_argument("--size", type=int, default=None, help="image side (default: 32 tiny, 512 sd15)")
     p.add_argument("--lcm-steps", default="1,2,4,8")
     p.add_argument("--teacher", default="ddim:50,dpm++:25", help="scheduler:steps,... ('' to skip)")
     p.add_argument("--compare-dtypes", default="float32,bfloat16",
@@ -199,7 +199,7 @@ def main(argv=None):
     p.add_argument("--workdir", default=None, help="where the pipeline is saved for diffusers (default: a temp dir)")
     args = p.parse_args(argv)
     dtype_name = args.dtype or ("bfloat16" if args.model == "sd15" else "float32")
-    size = args.size or (512 if args.model == "sd15" else 64)
+    size = args.size or (512 if args.model == "sd15" else 32)
     repeats = args.repeats if args.repeats is not None else (1 if args.model == "sd15" else 5)
     lcm_steps = [int(s) for s in args.lcm_steps.split(",") if s]
     teacher = [(s.split(":")[0], int(s.split(":")[1])) for s in args.teacher.split(",") if s]

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -42,6 +43,38 @@ def tiny_configs(resolution: int = 16, vocab_size: int = 600, max_length: int = 
     return unet, vae, text
 
 
+def random_params(module, seed: int, *args) -> dict:
+    """Flax's default initialisation, drawn in numpy from the param shapes.
+
+    Same distributions as ``module.init`` (kernels: LeCun truncated normal over fan-in,
+    embeddings: normal(1/sqrt(dim)), biases 0, norm scales 1), but no XLA compile: jitting
+    a whole UNet's init costs a minute on 2 CPU cores (every truncated-normal initialiser is
+    its own erfinv polynomial).
+    """
+    from flax import traverse_util
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        leaf = path[-1]
+        if leaf == "kernel":
+            std = 1.0 / np.sqrt(np.prod(shape[:-1])) / 0.87962566103423978  # truncated at +-2
+            x = rng.standard_normal(shape)
+            while (bad := np.abs(x) > 2).any():
+                x[bad] = rng.standard_normal(int(bad.sum()))
+            return (x * std).astype(np.float32)
+        if leaf == "embedding":
+            return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        if leaf == "scale":
+            return np.ones(shape, np.float32)
+        if leaf == "bias":
+            return np.zeros(shape, np.float32)
+        raise ValueError(f"no initialiser for param {'/'.join(path)}")
+
+    flat = traverse_util.flatten_dict(shapes)
+    return traverse_util.unflatten_dict({p: draw(p, s.shape) for p, s in flat.items()})
+
+
 def make_tiny_pipeline(folder: str, words: Sequence[str], resolution: int = 16, seed: int = 0,
                        max_length: int = 16) -> LCMPipeline:
     """A random tiny SD pipeline whose tokenizer knows ``words``; saved at ``folder``."""
@@ -50,13 +83,11 @@ def make_tiny_pipeline(folder: str, words: Sequence[str], resolution: int = 16, 
     tokenizer = build_word_tokenizer(tok_dir, words, model_max_length=max_length)
     unet_cfg, vae_cfg, text_cfg = tiny_configs(resolution, len(tokenizer), max_length)
     unet, vae, te = UNet2DConditionModel(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextModel(text_cfg)
-    r_u, r_v, r_t = jax.random.split(jax.random.PRNGKey(seed), 3)
     f = vae_cfg.downsample_factor
-    unet_params = unet.init(r_u, jnp.zeros((1, 4, resolution // f, resolution // f)),
-                            jnp.zeros((1,), jnp.int32), jnp.zeros((1, max_length, text_cfg.hidden_size)))["params"]
-    vae_params = vae.init(r_v, jnp.zeros((1, 3, resolution, resolution)))["params"]
-    text_params = te.init(r_t, jnp.zeros((1, max_length), jnp.int32))["params"]
-    pipe = LCMPipeline(unet, jax.device_get(unet_params), vae, jax.device_get(vae_params), te,
-                       jax.device_get(text_params), tokenizer, dict(SD_SCHEDULER))
+    unet_params = random_params(unet, seed, jnp.zeros((1, 4, resolution // f, resolution // f)),
+                                jnp.zeros((1,), jnp.int32), jnp.zeros((1, max_length, text_cfg.hidden_size)))
+    vae_params = random_params(vae, seed + 1, jnp.zeros((1, 3, resolution, resolution)))
+    text_params = random_params(te, seed + 2, jnp.zeros((1, max_length), jnp.int32))
+    pipe = LCMPipeline(unet, unet_params, vae, vae_params, te, text_params, tokenizer, dict(SD_SCHEDULER))
     pipe.save_pretrained(folder)
     return pipe
