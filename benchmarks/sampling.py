@@ -144,37 +144,36 @@ def compile_seconds():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def time_jax(run, repeats: int, max_repeat_s: float):
-    """(compile s, latency s, repeated?) for a callable that returns a host array."""
-    with compile_seconds() as comp:
-        t0 = time.perf_counter()
-        run()
-        first = time.perf_counter() - t0
-    compile_s = comp[0]
-    first_latency = max(first - compile_s, 0.0)
-    if repeats < 1 or first_latency > max_repeat_s:
-        return compile_s, first_latency, False
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times), True
+@dataclasses.dataclass
+class Timing:
+    compile_s: float  # JAX: compile seconds in the first call; diffusers: the first (warm-up) call
+    wall_s: float  # per-image latency: median over the repeats, or the first call less compile
+    cpu_s: float  # process CPU seconds (all threads) of the same call(s): robust to a busy machine
+    repeated: bool
+
+    @property
+    def mark(self) -> str:
+        return "" if self.repeated else "*"
 
 
-def time_torch(run, repeats: int, max_repeat_s: float):
-    """(first-call s, latency s, repeated?): the first call is the warm-up."""
-    t0 = time.perf_counter()
+def _timed(run):
+    w0, c0 = time.perf_counter(), time.process_time()
     run()
-    first = time.perf_counter() - t0
-    if repeats < 1 or first > max_repeat_s:
-        return first, first, False
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times), True
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def time_call(run, repeats: int, max_repeat_s: float, jax_compiles: bool = True) -> Timing:
+    """Times a callable that returns a host array: one first call (compiling, for JAX),
+    then ``repeats`` timed calls unless the first one ran longer than ``max_repeat_s``."""
+    with compile_seconds() as comp:
+        first_wall, first_cpu = _timed(run)
+    compile_s = comp[0] if jax_compiles else first_wall
+    if jax_compiles:  # the compile ran on one thread: take it off both clocks
+        first_wall, first_cpu = max(first_wall - comp[0], 0.0), max(first_cpu - comp[0], 0.0)
+    if repeats < 1 or first_wall > max_repeat_s:
+        return Timing(compile_s, first_wall, first_cpu, False)
+    walls, cpus = zip(*(_timed(run) for _ in range(repeats)))
+    return Timing(compile_s, statistics.median(walls), statistics.median(cpus), True)
 
 
 def log(msg=""):
@@ -220,33 +219,34 @@ def main(argv=None):
     plan = [("lcm", s, lcm_pipe) for s in lcm_steps] + [(n, s, teacher_pipe) for n, s in teacher]
     results = {}
     for sched, steps, pipe in plan:
-        results[(sched, steps)] = time_jax(sampler_call(pipe, sched, steps, size), repeats, args.max_repeat_s)
-        c, lat, _ = results[(sched, steps)]
-        log(f"{row_name(sched, steps)}: compile {c:.1f}s, latency {lat:.3f}s")
+        r = results[(sched, steps)] = time_call(sampler_call(pipe, sched, steps, size), repeats, args.max_repeat_s)
+        log(f"{row_name(sched, steps)}: compile {r.compile_s:.1f}s, latency {r.wall_s:.3f}s (cpu {r.cpu_s:.2f}s)")
 
     ref = results.get(("ddim", 50))
     log(f"\n## JAX samplers, {args.model}, {size}x{size}, {dtype_name} "
         f"(median of {repeats} call(s) after the compiling one)\n")
-    log("| sampler | UNet evals (batch) | compile s | latency s | DDIM-50 + CFG / this |")
-    log("|---|---|---|---|---|")
-    for (sched, steps), (c, lat, rep) in results.items():
+    log("| sampler | UNet evals (batch) | compile s | latency s | CPU s | DDIM-50 + CFG / this (latency) |")
+    log("|---|---|---|---|---|---|")
+    for (sched, steps), r in results.items():
         evals = f"{steps} (1)" if sched == "lcm" else f"{steps} (2)"
-        ratio = f"{ref[1] / lat:.1f}x" if ref else "-"
-        log(f"| {row_name(sched, steps)} | {evals} | {c:.1f} | {lat:.3f}{'' if rep else '*'} | {ratio} |")
+        ratio = f"{ref.wall_s / r.wall_s:.1f}x" if ref else "-"
+        log(f"| {row_name(sched, steps)} | {evals} | {r.compile_s:.1f} | {r.wall_s:.3f}{r.mark} | {r.cpu_s:.2f} | {ratio} |")
     if ref and ("lcm", 4) in results:
-        log(f"\nLCM-4 vs DDIM-50 + CFG: {ref[1] / results[('lcm', 4)][1]:.1f}x faster per image (goal >= 20x)")
+        lcm4 = results[("lcm", 4)]
+        log(f"\nLCM-4 vs DDIM-50 + CFG: {ref.wall_s / lcm4.wall_s:.1f}x faster per image "
+            f"({ref.cpu_s / lcm4.cpu_s:.1f}x in CPU seconds) (goal >= 20x)")
 
     # ------------------------------------------------------------------ JAX vs diffusers, LCM-4
     if not compare:
-        return
+        return 0
     jax_lcm4 = {}
     for d in compare:
         if d == dtype_name and ("lcm", 4) in results:
             jax_lcm4[d] = results[("lcm", 4)]
             continue
         pipe = make_pipe(w, True, jnp.bfloat16 if d == "bfloat16" else jnp.float32)
-        jax_lcm4[d] = time_jax(sampler_call(pipe, "lcm", 4, size), max(repeats, 1), args.max_repeat_s)
-        log(f"JAX LCM-4 {d}: compile {jax_lcm4[d][0]:.1f}s, latency {jax_lcm4[d][1]:.3f}s")
+        r = jax_lcm4[d] = time_call(sampler_call(pipe, "lcm", 4, size), max(repeats, 1), args.max_repeat_s)
+        log(f"JAX LCM-4 {d}: compile {r.compile_s:.1f}s, latency {r.wall_s:.3f}s (cpu {r.cpu_s:.2f}s)")
         del pipe
     folder = os.path.join(workdir, "lcm")
     t0 = time.perf_counter()
@@ -270,20 +270,21 @@ def main(argv=None):
                 pipe(PROMPT, num_inference_steps=4, guidance_scale=GUIDANCE, height=size, width=size,
                      generator=torch.Generator().manual_seed(0), output_type="np")
 
-        torch_lcm4[d] = time_torch(run, max(repeats, 1), args.max_repeat_s)
-        log(f"diffusers LCM-4 {d}: first call {torch_lcm4[d][0]:.2f}s, latency {torch_lcm4[d][1]:.3f}s")
+        r = torch_lcm4[d] = time_call(run, max(repeats, 1), args.max_repeat_s, jax_compiles=False)
+        log(f"diffusers LCM-4 {d}: first call {r.compile_s:.2f}s, latency {r.wall_s:.3f}s (cpu {r.cpu_s:.2f}s)")
         del pipe
         gc.collect()
 
     log(f"\n## LCM-4, {size}x{size}, JAX vs diffusers {__import__('diffusers').__version__} "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads) on the same weights\n")
-    log("| dtype | JAX compile s | JAX latency s | diffusers latency s | JAX speed-up |")
+    log("| dtype | JAX compile s | JAX latency s (CPU s) | diffusers latency s (CPU s) | JAX speed-up: latency (CPU) |")
     log("|---|---|---|---|---|")
     for d in compare:
-        (c, lat, rep), (_, tlat, trep) = jax_lcm4[d], torch_lcm4[d]
-        log(f"| {d} | {c:.1f} | {lat:.3f}{'' if rep else '*'} | {tlat:.3f}{'' if trep else '*'} | "
-            f"{tlat / lat:.2f}x |")
+        j, t = jax_lcm4[d], torch_lcm4[d]
+        log(f"| {d} | {j.compile_s:.1f} | {j.wall_s:.3f}{j.mark} ({j.cpu_s:.2f}) | {t.wall_s:.3f}{t.mark} "
+            f"({t.cpu_s:.2f}) | {t.wall_s / j.wall_s:.2f}x ({t.cpu_s / j.cpu_s:.2f}x) |")
     log("\n(goal: JAX >= 1.2x diffusers on CPU)")
+    return 0
 
 
 def sampler_call(pipe: LCMPipeline, scheduler: str, steps: int, size: int):

@@ -107,8 +107,14 @@ def vae_case(size: str) -> Case:
 
 # ---------------------------------------------------------------------------------- timing
 
-def _flops(compiled) -> float:
-    ca = compiled.cost_analysis()
+def _flops(fn: Callable, *args) -> float:
+    """XLA's FLOP count of ``fn(*args)``, from the program lowered for GPU (not compiled).
+
+    On CPU, long attention runs as a loop over heads and query blocks (lcm_jax.models.attention)
+    and XLA's cost analysis counts a loop body once; the GPU lowering of the same function has
+    no loop, so its count covers the whole forward pass (same math, same FLOPs).
+    """
+    ca = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).cost_analysis()
     if isinstance(ca, (list, tuple)):  # older jax: one dict per computation
         ca = ca[0] if ca else {}
     return float((ca or {}).get("flops", float("nan")))
@@ -120,20 +126,29 @@ def _time_once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def matmul_flops_per_s(jdtype, tdtype, n: int = 2048, repeats: int = 5) -> tuple[float, float]:
-    """FLOP/s of an n x n @ n x n matmul in JAX and in torch, in this dtype."""
+def matmul_flops_per_s(jdtype, tdtype, n: int = 2048, repeats: int = 5) -> tuple[float, float, int]:
+    """FLOP/s of an n x n @ n x n matmul in JAX and in torch (interleaved), in this dtype.
+
+    Torch's size shrinks (down from n, by halves) while one call takes over 2 s: torch's bf16
+    matmul without AVX512-BF16/AMX runs at well under 1 GFLOP/s. Returns (jax, torch, torch's n).
+    """
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)).astype(jdtype)
     f = jax.jit(jnp.matmul).lower(a, a).compile()
     f(a, a).block_until_ready()
-    ta = torch.from_numpy(np.asarray(a.astype(jnp.float32))).to(tdtype)
+    tn = 256
     with torch.inference_mode():
+        while tn < n:
+            tb = torch.randn(tn, tn).to(tdtype)
+            if _time_once(lambda: tb @ tb) * 8 > 2.0:
+                break
+            tn *= 2
+        ta = torch.from_numpy(np.array(a.astype(jnp.float32))[:tn, :tn]).to(tdtype)
         ta @ ta
         jt, tt = [], []
         for _ in range(repeats):
             jt.append(_time_once(lambda: f(a, a).block_until_ready()))
             tt.append(_time_once(lambda: ta @ ta))
-    fl = 2.0 * n ** 3
-    return fl / statistics.median(jt), fl / statistics.median(tt)
+    return 2.0 * n ** 3 / statistics.median(jt), 2.0 * tn ** 3 / statistics.median(tt), tn
 
 
 def torch_conv_flops_per_s(tdtype, repeats: int = 3) -> float:
@@ -154,14 +169,15 @@ def run_case(case: Case, dtype_name: str, repeats: int, matmul_rate: float, torc
                    else x for x in case.inputs)
     params = jax.tree.map(lambda p: jnp.asarray(p, jdtype), case.params)
     jinputs = tuple(jnp.asarray(x, jdtype) if x.dtype == np.float32 else jnp.asarray(x) for x in inputs)
+    fn = case.jax_fn(jdtype)
     t0 = time.perf_counter()
-    compiled = jax.jit(case.jax_fn(jdtype)).lower(params, *jinputs).compile()
+    compiled = jax.jit(fn).lower(params, *jinputs).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled)
+    flops = _flops(fn, params, *jinputs)
     run_jax = lambda: compiled(params, *jinputs).block_until_ready()  # noqa: E731
 
     tmodel = case.torch_model.to(tdtype)
-    tinputs = tuple(torch.from_numpy(x).to(tdtype) if x.dtype == np.float32 else torch.from_numpy(x)
+    tinputs = tuple(torch.from_numpy(np.array(x)).to(tdtype) if x.dtype == np.float32 else torch.from_numpy(x)
                     for x in inputs)
     est_torch_s = flops / torch_conv_rate
     skip_torch = est_torch_s > torch_budget_s
@@ -212,6 +228,8 @@ def main(argv=None) -> None:
                    help="skip a torch run whose estimated time (XLA FLOPs / torch's measured 3x3-conv "
                         "FLOP/s in that dtype) exceeds this many seconds, and print the estimate (~)")
     args = p.parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to()
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
 
@@ -225,11 +243,11 @@ def main(argv=None) -> None:
     dtypes = sorted(args.dtypes.split(","), key=lambda d: d != "float32")
     rates = {}
     for d in dtypes:
-        jm, tmm = matmul_flops_per_s(*DTYPES[d])
+        jm, tmm, tn = matmul_flops_per_s(*DTYPES[d])
         tc = torch_conv_flops_per_s(DTYPES[d][1])
         rates[d] = (jm, tc)
-        print(f"# {d}: 2048^3 matmul  jax {jm / 1e9:.1f} GFLOP/s, torch {tmm / 1e9:.1f} GFLOP/s; "
-              f"torch 3x3 conv {tc / 1e9:.1f} GFLOP/s", flush=True)
+        print(f"# {d}: matmul jax (2048^3) {jm / 1e9:.1f} GFLOP/s, torch ({tn}^3) {tmm / 1e9:.1f} GFLOP/s; "
+              f"torch 3x3 conv (128ch, 32x32) {tc / 1e9:.1f} GFLOP/s", flush=True)
 
     plan = []
     for m in args.models.split(","):

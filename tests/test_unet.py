@@ -15,6 +15,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.pipelines import LatentConsistencyModelPipeline
 from jax.extend.core import jaxprs_in_params
 
+from lcm_jax.models import attention
 from lcm_jax.models.embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.weights import flax_to_torch, torch_to_flax
@@ -87,6 +88,35 @@ def test_matches_diffusers_fp32(name):
     ref = _torch_forward(tm, inputs)
     assert out.shape == ref.shape and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4)
+
+
+def test_blocked_cpu_attention_matches_diffusers(monkeypatch):
+    """The CPU path for long sequences (per head, blocks of queries; here forced on with blocks
+    of 32, so 9x12=108 tokens are padded) gives the fp32 parity of the plain one."""
+    monkeypatch.setattr(attention, "CPU_MIN_SCORES", 0)
+    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", 32)
+    tm, sd, cfg, inputs = _case("sd2")
+    model = UNet2DConditionModel(cfg)
+    fwd = lambda p: model.apply({"params": p}, **inputs)  # noqa: E731  (a fresh function: no jit cache hit)
+    params = _flax_params(model, sd, inputs)
+    assert "platform_index" in str(jax.make_jaxpr(fwd)(params))  # the CPU/default switch is there
+    np.testing.assert_allclose(np.asarray(jax.jit(fwd)(params)), _torch_forward(tm, inputs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_blocked_attention_matches_reference(dtype, atol):
+    b, t, s, n, h = 2, 700, 520, 3, 8  # t not a multiple of the block: padded queries
+    q, k, v = (jax.random.normal(key, (b, length, n, h), jnp.float32)
+               for key, length in zip(jax.random.split(jax.random.PRNGKey(0), 3), (t, s, s)))
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)  # noqa: E731
+    ours = functools.partial(attention._blocked_attention, scale=0.3)
+    out = ours(*(x.astype(dtype) for x in (q, k, v)))
+    assert out.dtype == dtype and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref(q, k, v), rtol=0, atol=atol)
+    if dtype == jnp.float32:  # gradients too (training on CPU takes this path)
+        loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))  # noqa: E731
+        for g, g_ref in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-5)
 
 
 def test_weights_round_trip_exact():

@@ -4,11 +4,61 @@ Attention -> FeedForward(GEGLU) -> BasicTransformerBlock -> Transformer2DModel, 
 counterpart of the diffusers PyTorch module of the same name (default "layer_norm" block,
 no dropout, no attention mask).
 """
+import functools
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+# CPU attention: above this many scores per head (T * S) it runs head by head over blocks of
+# CPU_QUERY_BLOCK queries, so each [block, S] score tile stays in cache (XLA:CPU otherwise
+# writes the whole [B, N, T, S] float32 tensor to memory, ~7x slower at SD's 4096 tokens).
+CPU_MIN_SCORES = 1 << 18
+CPU_QUERY_BLOCK = 256
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H].
+
+    ``jax.nn.dot_product_attention`` except on CPU for long sequences (see CPU_MIN_SCORES),
+    chosen when the program is lowered (``lax.platform_dependent``).
+    """
+    full = functools.partial(jax.nn.dot_product_attention, scale=scale)
+    if q.shape[1] * k.shape[1] < CPU_MIN_SCORES:
+        return full(q, k, v)
+    return lax.platform_dependent(q, k, v, cpu=functools.partial(_blocked_attention, scale=scale),
+                                  default=full)
+
+
+def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Exact attention, one (batch, head) at a time and CPU_QUERY_BLOCK queries at a time.
+
+    Scores and softmax are float32; the normalisation is applied to the [block, H] output.
+    """
+    b, t, n, h = q.shape
+    blk = min(CPU_QUERY_BLOCK, t)
+    nb = -(-t // blk)
+    heads = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * n, x.shape[1], h)  # noqa: E731
+    qh = heads(q * jnp.asarray(scale, q.dtype))
+    qh = jnp.pad(qh, ((0, 0), (0, nb * blk - t), (0, 0))).reshape(b * n, nb, blk, h)
+    kh, vh = heads(k), heads(v)  # [B*N, S, H]
+
+    def one_head(args):
+        qs, kk, vv = args  # [nb, blk, H], [S, H], [S, H]
+
+        def one_block(qb):  # [blk, H]
+            scores = jnp.dot(qb, kk.T, preferred_element_type=jnp.float32)  # [blk, S]
+            p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+            out = jnp.dot(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)  # [blk, H]
+            return (out / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
+
+        return lax.map(one_block, qs)
+
+    out = lax.map(one_head, (qh, kh, vh))  # [B*N, nb, blk, H]
+    out = out.reshape(b, n, nb * blk, h)[:, :, :t]
+    return jnp.transpose(out, (0, 2, 1, 3))  # [B, T, N, H]
 
 
 class Attention(nn.Module):
@@ -36,7 +86,7 @@ class Attention(nn.Module):
         q, k, v = split(q), split(k), split(v)  # [B, T|S, N, H]
         if self.upcast_attention:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.dim_head ** -0.5)  # [B, T, N, H]
+        out = dot_product_attention(q, k, v, self.dim_head ** -0.5)  # [B, T, N, H]
         out = out.reshape(out.shape[:2] + (inner,)).astype(self.dtype)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="proj_attn")(out)  # [B, T, C]
 
