@@ -14,7 +14,7 @@ difference between rows is the sampler. The diffusers side loads what
 ``pipe(prompt, ...)``: prompt encoding, all UNet steps, VAE decode, uint8 output.
 Compile time is what JAX's monitoring reports for tracing, lowering and XLA compilation
 during the first call. Rows marked ``*`` were too slow to repeat: latency is the first
-call minus its compile time.
+call minus its compile time (their CPU seconds, less the compile's wall time, are a lower bound).
 """
 from __future__ import annotations
 
