@@ -243,7 +243,7 @@ class TorchLCD:
         with torch.no_grad():  # the script's update_ema(target_unet.parameters(), unet.parameters(), decay)
             for tp, p in zip(self.target.parameters(), self.unet.parameters()):
                 tp.detach().mul_(c.lcd.ema_decay).add_(p, alpha=1 - c.lcd.ema_decay)
-        return float(loss)
+        return loss.item()
 
 
 # --------------------------------------------------------------------------- parts
