@@ -194,13 +194,13 @@ def test_tiny_lcd_learns_the_teacher_trajectories(teacher, tmp_path):
     teacher's 50-step DDIM+CFG sample (same noise) than the teacher's own 1-step DDIM does.
 
     Only one step is asserted: this teacher is random, so its ODE ends far from the data
-    (sample variance ~300 vs ~1 for the training latents) and the multistep sampler's
+    (sample variance ~290 vs ~1 for the training latents; measured here: 1 step
+    LCM 31 vs DDIM 42, 2 steps 34 vs 27, 4 steps 67 vs 13 MSE to DDIM-50) and the multistep sampler's
     re-noised points leave what the student was trained on. The 2- and 4-step comparison
     needs a teacher trained on the data (the digits reproduction).
     """
     from lcm_jax.pipeline import LCMPipeline
-    cfg = small_config(teacher, num_steps=200, log_every=10, checkpoint_every=1000,
-                       **{"lcd.num_ddim_timesteps": 10, "lcd.ema_decay": 0.9})
+    cfg = small_config(teacher, num_steps=200, log_every=10, checkpoint_every=1000)
     final = trainer.train(cfg, str(tmp_path))
     losses = [r["loss"] for r in metrics(str(tmp_path))]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
