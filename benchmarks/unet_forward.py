@@ -264,7 +264,8 @@ def main(argv=None) -> None:
             print(_fmt_row(r), flush=True)
         del case
     print("# jax_s/torch_s: median seconds per call; t/jax: torch_s / jax_s (>1: JAX faster); comp_s: JAX "
-          "trace+compile; GFLOP: XLA cost analysis; %mm: GFLOP/s as a share of the JAX matmul's; "
+          "trace+compile; GFLOP: XLA cost analysis (GPU lowering); %mm: GFLOP/s as a share of the JAX "
+          "matmul's above; "
           "~: torch not run, estimated (see --torch-budget)")
 
 
