@@ -16,6 +16,8 @@ RUNTIME = [
     "transformers",  # CLIPTokenizer only at run time
     "tensorboardX",
     "scikit-learn",  # the embedded digits data set
+    "grain>=0.2.18",  # the input pipeline (lcm_jax/data/pipeline.py)
+    "matplotlib",  # the digits reproduction's plot
 ]
 
 setup(
@@ -27,7 +29,9 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # torch pinned exactly: the CPU wheel pip finds here; anything else pulls CUDA.
-        "test": ["pytest", "diffusers", "transformers", "torch==2.13.0"],
-        "data": ["tensorflow-datasets", "grain"],
+        "test": ["pytest", "diffusers", "transformers", "torch==2.13.0", "tensorflow-datasets>=4.9.10"],
+        # tensorflow-datasets: data.source=tfds (reads array_record without TensorFlow;
+        # preparing a catalogue data set may need tensorflow-cpu, ~1.3 GB).
+        "data": ["tensorflow-datasets>=4.9.10"],
     },
 )

@@ -2,6 +2,7 @@
 
 LCD (distil a diffusion teacher) or LCF (fine-tune an LCM), chosen by config.mode. Resumes
 automatically from DIR/checkpoints; writes DIR/final (diffusers layout) at the end.
+configs/digits.py (config.reproduce = "digits") runs the whole Table 1 reproduction instead.
 """
 import logging
 
@@ -32,13 +33,16 @@ def main(argv):
         handler.addFilter(_DropLibraryInfo())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lcm_jax import sharding, trainer
+    from lcm_jax import digits, sharding, trainer
     sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                               auto=FLAGS.multihost)
-    final = trainer.train(FLAGS.config, FLAGS.workdir)
-    if final:
-        logging.info("done: %s", final)
-        print(f"exported {final}")
+    reproduce = FLAGS.config.get("reproduce", "")
+    if reproduce not in ("", "digits"):
+        raise app.UsageError(f"config.reproduce {reproduce!r}: expected '' or 'digits'")
+    out = digits.run(FLAGS.config, FLAGS.workdir) if reproduce else trainer.train(FLAGS.config, FLAGS.workdir)
+    if out:
+        logging.info("done: %s", out)
+        print(f"exported {out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 8                # global
     c.learning_rate = 1e-4
     c.warmup_steps = 0
+    c.lr_schedule = "constant"      # constant (after warmup; diffusers' constant_with_warmup) | cosine
     c.adam_b1, c.adam_b2, c.adam_eps, c.weight_decay = 0.9, 0.999, 1e-8, 0.0
     c.grad_clip = 1.0               # global-norm clip; 0 disables
     c.grad_accum = 1                # micro-batches per optimizer step (optax.MultiSteps)
@@ -26,6 +27,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_prompts = ("a photo of a cat",)
     c.sample_steps = (1, 2, 4)
     c.sample_guidance = 8.0
+    c.eval_every = 0                # in-loop evaluation every N steps (0: off); see lcm_jax/eval/inloop.py
+    c.eval = ml_collections.ConfigDict()
+    c.eval.steps = (1, 2, 4)        # LCM steps scored
+    c.eval.guidance_scale = 8.0     # w of the scored samples
+    c.eval.prompts = ()             # the fixed prompt set (empty: sample_prompts; digits: the ten captions)
+    c.eval.images_per_prompt = 4
+    c.eval.scorer = ""              # digits: classifier file (empty: WORKDIR/scorer.safetensors, trained once)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

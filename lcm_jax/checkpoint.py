@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 # Keys that may change between a run and its resumption (schedule of side effects, layout).
 RESUMABLE_KEYS = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
                   "sample_prompts", "sample_steps", "sample_guidance", "mesh.", "pretrained",
-                  "tiny_teacher")
+                  "tiny_teacher", "eval_every", "eval.")
 
 
 class CheckpointMismatchError(ValueError):

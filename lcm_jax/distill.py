@@ -79,25 +79,35 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """clip -> AdamW (linear warmup) -> EMA target; MultiSteps for gradient accumulation."""
-    lr = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps) if config.warmup_steps \
-        else config.learning_rate
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(config) -> optax.Schedule:
+    """Linear warmup over ``warmup_steps``, then constant (diffusers' constant_with_warmup)
+    or cosine decay to 0 at ``num_steps`` (``config.lr_schedule``)."""
+    kind = config.get("lr_schedule", "constant")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"config.lr_schedule {kind!r}: expected one of {LR_SCHEDULES}")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1),
+                                                  max(config.num_steps, config.warmup_steps + 1))
+    if config.warmup_steps:  # holds the end value after the warmup
+        return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+    return optax.constant_schedule(config.learning_rate)
+
+
+def make_optimizer(config, ema_decay: Optional[float] = None) -> optax.GradientTransformation:
+    """clip -> AdamW (``lr_schedule``) -> EMA target (``ema_decay``, default ``config.lcd.ema_decay``);
+    MultiSteps for gradient accumulation."""
     tx = optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+        optax.adamw(lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                     weight_decay=config.weight_decay),
-        ema(config.lcd.ema_decay),
+        ema(config.lcd.ema_decay if ema_decay is None else ema_decay),
     )
     if config.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
     return tx
-
-
-def learning_rate(config, step):
-    if config.warmup_steps:
-        return config.learning_rate * jnp.minimum(1.0, step / config.warmup_steps)
-    return jnp.float32(config.learning_rate)
 
 
 # --------------------------------------------------------------------------- pieces

@@ -24,6 +24,7 @@ from lcm_jax.schedules import NoiseSchedule, lcm_timesteps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULERS = ("lcm", "ddim", "dpm", "dpm++")
+OUTPUT_TYPES = ("uint8", "np", "latent")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose loaders read what we write
 
@@ -178,7 +179,8 @@ class LCMPipeline:
                  width: Optional[int] = None, seed: int = 0, latents: Optional[np.ndarray] = None,
                  num_images_per_prompt: int = 1, output_type: str = "uint8",
                  _noises: Optional[np.ndarray] = None) -> np.ndarray:
-        """Images for the prompts: uint8 [N, H, W, 3] (``output_type="np"``: float32 in [0, 1]).
+        """Images for the prompts: uint8 [N, H, W, 3] (``output_type="np"``: float32 in [0, 1];
+        ``"latent"``: the final latents [N, C, h, w], scaled as the UNet sees them, not decoded).
 
         N = len(prompts) * num_images_per_prompt, each prompt repeated in place as diffusers
         does. ``latents`` [N, C, H/f, W/f] (NCHW) replaces the seeded initial noise;
@@ -191,8 +193,8 @@ class LCMPipeline:
             raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r} is not supported: expected one of {SCHEDULERS}")
-        if output_type not in ("uint8", "np"):
-            raise ValueError(f"output_type {output_type!r}: expected 'uint8' or 'np'")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r}: expected one of {OUTPUT_TYPES}")
         if int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if int(num_images_per_prompt) < 1:
@@ -223,7 +225,7 @@ class LCMPipeline:
         cond = jnp.repeat(self.encode_prompt(prompts), num_images_per_prompt, axis=0)  # [N, L, D]
         use_cfg = not self.is_lcm and guidance_scale > 1.0
         uncond = jnp.broadcast_to(self.encode_prompt([""]), cond.shape) if use_cfg else None
-        fn = self._sampler(scheduler, int(num_inference_steps), use_cfg)
+        fn = self._sampler(scheduler, int(num_inference_steps), use_cfg, output_type == "latent")
         args = dict(unet=self.unet_params, vae=self.vae_params)
         if scheduler == "lcm":
             noises = None if _noises is None else jnp.asarray(_noises, jnp.float32)
@@ -232,16 +234,16 @@ class LCMPipeline:
         else:
             images = fn(args, z, cond, uncond, jnp.float32(guidance_scale))
         images = np.asarray(jax.device_get(images))
-        if output_type == "np":
+        if output_type != "uint8":
             return images
         return (images * 255).round().astype(np.uint8)
 
-    def _sampler(self, scheduler: str, steps: int, use_cfg: bool):
+    def _sampler(self, scheduler: str, steps: int, use_cfg: bool, latent: bool = False):
         """One jitted function: UNet (+CFG) over all steps, then VAE decode and postprocess."""
-        key = (scheduler, steps, use_cfg)
+        key = (scheduler, steps, use_cfg, latent)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(make_sample_fn(
-                self.unet, self.vae, self.schedule, scheduler, steps, use_cfg))
+                self.unet, self.vae, self.schedule, scheduler, steps, use_cfg, decode=not latent))
         return self._compiled[key]
 
 
@@ -274,11 +276,14 @@ def make_model_fn(unet: UNet2DConditionModel, params: Any, cond: jax.Array,
 
 
 def make_sample_fn(unet: UNet2DConditionModel, vae: AutoencoderKL, schedule: NoiseSchedule,
-                   scheduler: str, steps: int, use_cfg: bool):
-    """The pure function the pipeline jits: initial latents -> images [N, H, W, 3] in [0, 1]."""
+                   scheduler: str, steps: int, use_cfg: bool, decode: bool = True):
+    """The pure function the pipeline jits: initial latents -> images [N, H, W, 3] in [0, 1]
+    (``decode=False``: the final latents [N, C, h, w])."""
     scaling = vae.config.scaling_factor
 
-    def decode(params, z0):
+    def finish(params, z0):
+        if not decode:
+            return z0
         x = vae.apply({"params": params["vae"]}, z0 / scaling, method=vae.decode)  # [N, 3, H, W]
         return jnp.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
@@ -286,10 +291,10 @@ def make_sample_fn(unet: UNet2DConditionModel, vae: AutoencoderKL, schedule: Noi
         def sample(params, z, cond, uncond, guidance_scale, rng, noises, timesteps):
             model_fn = make_model_fn(unet, params["unet"], cond, uncond if use_cfg else None, guidance_scale)
             z0 = sampling.lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises)
-            return decode(params, z0)
+            return finish(params, z0)
     else:
         def sample(params, z, cond, uncond, guidance_scale):
             model_fn = make_model_fn(unet, params["unet"], cond, uncond if use_cfg else None, guidance_scale)
             z0 = sampling.teacher_sample(scheduler, model_fn, z, schedule, steps)
-            return decode(params, z0)
+            return finish(params, z0)
     return sample

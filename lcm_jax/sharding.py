@@ -43,6 +43,19 @@ def init_distributed(coordinator_address: Optional[str] = None, num_processes: O
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+    """Block until every process reaches the barrier ``name`` (a no-op with one process).
+
+    A key-value barrier of the distributed runtime, not a device collective: XLA:CPU's gloo
+    collectives fail after 30 s when one process reaches its first collective that much
+    later than another (compiling slower, or writing files the others then read).
+    """
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+    ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
 def make_mesh(mesh_config, devices: Optional[Sequence[Any]] = None) -> Mesh:
     """Mesh over AXES from ``config.mesh`` (sizes; one of them may be -1 = the rest)."""
     devices = list(jax.devices() if devices is None else devices)

@@ -10,20 +10,20 @@ import functools
 import json
 import logging
 import os
-import signal
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from lcm_jax import checkpoint as ckpt_lib
-from lcm_jax import distill, sharding
-from lcm_jax.data.batcher import Batcher
-from lcm_jax.data.sources import DIGIT_WORDS, load_source
+from lcm_jax import distill, loop, sharding
+from lcm_jax.data.pipeline import make_pipeline
+from lcm_jax.data.sources import DIGIT_WORDS
+from lcm_jax.eval.inloop import make_evaluator
 from lcm_jax.images import save_grid
+from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.pipeline import LCMPipeline, check_pipeline_folder, init_cond_proj, resolve_dtype
@@ -32,14 +32,11 @@ REMAT = ("none", "block", "full")
 EXPORT = ("ema", "online")
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient."""
-
-
 def validate_config(config) -> distill.DistillSpec:
     """Every check that can fail on the config alone, before any model is loaded or compiled."""
     spec = distill.DistillSpec.from_config(config)
     resolve_dtype(config.dtype)
+    distill.lr_schedule(config)  # raises on an unknown schedule
     for key in ("num_steps", "batch_size", "grad_accum"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
@@ -115,11 +112,9 @@ def train(config, workdir: str) -> str:
     models = distill.Models(student, teacher, pipe.vae, pipe.text_encoder, pipe.schedule)
 
     # ------------------------------------------------------------------ data
-    images, captions = load_source(config.data.source, config.data.path, config.data.resolution,
-                                   config.data.center_crop)
-    batcher = Batcher(images, tokenize(pipe.tokenizer, captions), config.batch_size, config.seed,
-                      config.data.random_flip, jax.process_index(), jax.process_count())
-    logging.info("data: %d examples from %s", len(images), config.data.source)
+    batcher = make_pipeline(config.data, functools.partial(tokenize, pipe.tokenizer), config.batch_size,
+                            config.seed, jax.process_index(), jax.process_count(),
+                            caption_dropout=0.0)  # the train step drops captions (DistillSpec)
 
     # ------------------------------------------------------------------ sharded init
     frozen = {"vae": pipe.vae_params, "text": pipe.text_params, "uncond": np.asarray(pipe.encode_prompt([""]))}
@@ -128,11 +123,7 @@ def train(config, workdir: str) -> str:
     frozen_sh = sharding.tree_shardings(frozen, mesh)
     frozen = sharding.put(frozen, frozen_sh)
     tx = distill.make_optimizer(config)
-    init_fn = functools.partial(distill.init_state, tx=tx, seed=config.seed)
-    abstract = jax.eval_shape(init_fn, params)
-    state_sh = sharding.tree_shardings(abstract, mesh)
-    params_sh = sharding.tree_shardings(params, mesh)
-    state = jax.jit(init_fn, in_shardings=(params_sh,), out_shardings=state_sh)(sharding.put(params, params_sh))
+    state, state_sh = loop.init_sharded(params, tx, config.seed, mesh)
     del params
 
     # ------------------------------------------------------------------ restore
@@ -146,62 +137,34 @@ def train(config, workdir: str) -> str:
         logging.info("resumed from step %d (%s)", step, ckpt.directory)
 
     # ------------------------------------------------------------------ compiled step
-    example = next(iter(dataclasses.replace(batcher)))  # a copy: the real position is untouched
-    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
-    batch_abstract = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sh[k])
-                      for k, v in example.items()}
-    step_fn = jax.jit(functools.partial(distill.train_step, spec=spec, models=models, tx=tx),
-                      in_shardings=(state_sh, batch_sh, frozen_sh),
-                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-    t0 = time.time()
-    compiled = step_fn.lower(ckpt_lib.abstract_like(state, state_sh), batch_abstract, frozen).compile()
-    logging.info("train step compiled in %.1fs", time.time() - t0)
+    example = batcher.peek()  # the position is untouched
+    compiled = loop.compile_step(functools.partial(distill.train_step, spec=spec, models=models, tx=tx),
+                                 state, state_sh, example, config.batch_size, frozen, frozen_sh, mesh)
 
     # ------------------------------------------------------------------ loop
-    writer = _MetricWriter(workdir) if is_main else None
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    start = int(jax.device_get(state.step))
-    pending: Optional[tuple[int, dict]] = None
-    bar = tqdm.tqdm(total=config.num_steps, initial=start, disable=not is_main, desc=spec.mode)
-    t_last, n_last = time.time(), start
+    writer = loop.MetricWriter(workdir) if is_main else None
+    evaluate = make_evaluator(config, pipe, workdir) if config.get("eval_every", 0) else None
+
+    def after_step(step, state):
+        if is_main and config.sample_every and step % config.sample_every == 0:
+            _sample_grids(pipe, student, _export_params(state, config), config,
+                          os.path.join(workdir, "samples", f"step_{step:07d}"))
+        if evaluate is not None and step % config.eval_every == 0:
+            return evaluate(student, _export_params(state, config))
+        return None
+
     try:
-        for step in range(start + 1, config.num_steps + 1):
-            batch = sharding.global_batch(next(batcher), mesh)
-            state, metrics = compiled(state, batch, frozen)
-            if pending is not None:  # check the previous step while this one runs
-                _check_finite(*pending)
-            pending = (step, metrics)
-            if step % config.log_every == 0 or step == config.num_steps:
-                m = jax.device_get(metrics)
-                _check_finite(step, m)
-                rate = (step - n_last) / max(time.time() - t_last, 1e-9)
-                t_last, n_last = time.time(), step
-                bar.set_postfix(loss=f"{m['loss']:.4g}", steps_per_s=f"{rate:.2f}")
-                if writer is not None:
-                    row = {**{k: float(v) for k, v in m.items()}, "steps_per_s": rate,
-                           "lr": float(distill.learning_rate(config, step))}
-                    writer.write(step, row)
-            bar.update(1)
-            if step % config.checkpoint_every == 0 or stop["signal"] is not None:
-                _check_finite(*pending)
-                ckpt.save(step, state, batcher.state(), config_dict, force=True)
-            if is_main and config.sample_every and step % config.sample_every == 0:
-                _sample_grids(pipe, student, _export_params(state, config), config,
-                              os.path.join(workdir, "samples", f"step_{step:07d}"))
-            if stop["signal"] is not None:
-                logging.warning("received signal %s: saved step %d, exiting", stop["signal"], step)
-                ckpt.close()
-                return ""
-        if pending is not None:
-            _check_finite(*pending)
-        ckpt.save(config.num_steps, state, batcher.state(), config_dict, force=True)
+        state, preempted = loop.run_loop(
+            compiled, state, batcher, frozen, mesh=mesh, num_steps=config.num_steps,
+            log_every=config.log_every, ckpt=ckpt, config_dict=config_dict, desc=spec.mode,
+            writer=writer, lr_fn=distill.lr_schedule(config), after_step=after_step)
     finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous)
-        ckpt.wait()
+        batcher.close()
         if writer is not None:
             writer.close()
+    if preempted:
+        ckpt.close()
+        return ""
 
     # ------------------------------------------------------------------ export
     final = os.path.join(workdir, "final")
@@ -218,33 +181,6 @@ def _export_params(state: distill.TrainState, config) -> Any:
     """theta^- (the EMA target; default) or the online student params."""
     from lcm_jax.ema import ema_params
     return ema_params(state.opt_state) if config.get("export_params", "ema") == "ema" else state.params
-
-
-def _check_finite(step: int, metrics: dict) -> None:
-    if not bool(jax.device_get(metrics["finite"])):
-        m = jax.device_get(metrics)
-        raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-                             f"grad_norm={float(m['grad_norm'])}); stopping. Checkpoints already "
-                             "written are untouched; lower learning_rate or check the data.")
-
-
-class _MetricWriter:
-    """TensorBoard scalars (WORKDIR/tensorboard) and the same rows in WORKDIR/metrics.jsonl."""
-
-    def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-    def write(self, step: int, row: dict) -> None:
-        for k, v in row.items():
-            self.tb.add_scalar(f"train/{k}", v, step)
-        self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
-        self.jsonl.flush()
-
-    def close(self) -> None:
-        self.tb.close()
-        self.jsonl.close()
 
 
 def _sample_grids(pipe: LCMPipeline, unet: UNet2DConditionModel, params: Any, config, prefix: str) -> None:

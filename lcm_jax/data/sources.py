@@ -1,14 +1,18 @@
-"""Image-caption sources held in memory: scikit-learn's digits and a folder of images.
+"""Image-caption sources: scikit-learn's digits and a folder of images, held in memory
+(``load_source``, for the in-memory Batcher), and the random-access sources the grain
+pipeline reads lazily (``make_source``: folder, tar shards, tfds, digits).
 
-Each source returns (images uint8 [N, R, R, 3], captions list[str]); the batcher turns
-them into [-1, 1] float batches. Streaming sources (tar shards, tfds) belong beside these.
+In-memory loaders return (images uint8 [N, R, R, 3], captions list[str]). Random-access
+sources implement grain's RandomAccessDataSource protocol (``__len__``, ``__getitem__``) and
+return raw records {"image": bytes | uint8 array | None, "caption": str | bytes | None,
+"key": str}; decoding and every bad-input decision happen in ``decode.preprocess``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -126,3 +130,174 @@ def load_source(source: str, path: str, resolution: int, center_crop: bool = Tru
 def vocabulary(captions: Sequence[str]) -> list[str]:
     """The distinct words of some captions, in first-seen order (for word tokenizers)."""
     return list(dict.fromkeys(w for c in captions for w in c.lower().split()))
+
+
+# ---------------------------------------------------------------------- random-access sources
+SOURCES = ("digits", "folder", "tar", "tfds")
+
+
+class ArraySource:
+    """Images already in memory (uint8 [N, H, W, 3]) with their captions."""
+
+    def __init__(self, images: np.ndarray, captions: Sequence[str], name: str = "array"):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        self.images, self.captions, self.name = images, list(captions), name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        return {"image": self.images[i], "caption": self.captions[i], "key": f"{self.name}[{i}]"}
+
+
+class FolderSource:
+    """Image files under a folder (recursive, sorted), read lazily.
+
+    Captions: ``metadata.jsonl`` rows (``file_name`` relative to the jsonl's folder, ``text``;
+    the Hugging Face imagefolder convention, in any subfolder) win over ``{stem}.txt`` sidecars;
+    an image with neither has no caption (counted by the pipeline).
+    """
+
+    def __init__(self, folder: str):
+        if not folder or not os.path.isdir(folder):
+            raise ValueError(f"data.path {folder!r} is not a folder: expected a directory of images "
+                             "with captions in metadata.jsonl (file_name, text) or .txt sidecars")
+        self.folder = folder
+        self.paths: list[str] = []            # relative to folder
+        self.captions: list[Optional[str]] = []  # from metadata.jsonl; None: read the sidecar (if any)
+        self.sidecar: list[bool] = []
+        meta: dict[str, str] = {}
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            if "metadata.jsonl" in files:
+                rel_root = os.path.relpath(root, folder)
+                for name, text in _captions_from_metadata(root).items():
+                    meta[os.path.normpath(os.path.join(rel_root, name))] = text
+            names = set(files)
+            for name in sorted(files):
+                if not name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                rel = os.path.normpath(os.path.relpath(os.path.join(root, name), folder))
+                self.paths.append(rel)
+                self.captions.append(meta.get(rel))
+                self.sidecar.append(os.path.splitext(name)[0] + ".txt" in names)
+        if not self.paths:
+            raise ValueError(f"data.path {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
+                             "searched recursively")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        path = os.path.join(self.folder, self.paths[i])
+        try:
+            with open(path, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            logging.warning("data: cannot read %s (%s)", path, e)
+            image = None
+        caption: Any = self.captions[i]
+        if caption is None and self.sidecar[i]:
+            try:
+                with open(os.path.splitext(path)[0] + ".txt", "rb") as f:
+                    caption = f.read()
+            except OSError:
+                caption = None
+        return {"image": image, "caption": caption, "key": path}
+
+
+def _nested(path: str, value: Any) -> dict:
+    head, _, rest = path.partition("/")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def _get(record: Any, path: str) -> Any:
+    for part in path.split("/"):
+        if not isinstance(record, dict) or part not in record:
+            return None
+        record = record[part]
+    return record
+
+
+class TfdsSource:
+    """A prepared TensorFlow Datasets split read through ``tfds.data_source`` (array_record; no
+    TensorFlow needed). Images stay encoded (SkipDecoding) so the pipeline decodes and counts
+    bad ones like any other source. Keys may be nested, "captions/text"; a list of captions
+    gives its first."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str = "", image_key: str = "image",
+                 caption_key: str = "caption"):
+        if not name:
+            raise ValueError("data.tfds_name is empty: name the prepared TFDS dataset (e.g. 'my_images:1.0.0')")
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise ValueError("data.source='tfds' needs tensorflow-datasets: pip install 'lcm_jax[data]'") from e
+        if data_dir and not os.path.isdir(data_dir):
+            raise ValueError(f"data.path {data_dir!r} (the TFDS data_dir) is not a folder")
+        try:
+            self.src = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                        decoders=_nested(image_key, tfds.decode.SkipDecoding()))
+        except Exception as e:  # tfds raises several types (DatasetNotFoundError, AssertionError, ...)
+            raise ValueError(f"cannot open TFDS dataset {name!r} split {split!r} in data_dir "
+                             f"{data_dir or '(default)'!r} as array_record (prepare it with "
+                             f"file_format='array_record'): {type(e).__name__}: {e}") from e
+        self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
+        features = self.src.dataset_info.features
+        for key, what in ((image_key, "data.image_key"), (caption_key, "data.caption_key")):
+            node = features
+            for part in key.split("/"):
+                node = node[part] if hasattr(node, "keys") and part in node.keys() else None
+            if node is None:
+                raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} ({what}); it has "
+                                 f"{sorted(features.keys())}")
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        rec = self.src[i]
+        return {"image": _get(rec, self.image_key), "caption": _get(rec, self.caption_key),
+                "key": f"{self.name}/{self.split}[{i}]"}
+
+
+def as_dict(data_config) -> dict:
+    """A ConfigDict (or any mapping) as a plain dict."""
+    return data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
+
+
+def make_source(data_config, process_index: int = 0, process_count: int = 1) -> tuple[Any, bool]:
+    """The random-access source named by ``data_config.source`` -> (source, already_sharded).
+
+    Tar shards are split between processes whole (each process indexes only its own) when
+    there are at least as many shards as processes; other sources are split by the pipeline.
+    Raises ValueError for an unknown source, a wrong path or an empty source.
+    """
+    cfg = as_dict(data_config)
+    name, get = cfg.get("source"), cfg.get
+    if name not in SOURCES:
+        raise ValueError(f"data.source {name!r} is not supported: expected one of {' | '.join(SOURCES)}")
+    sharded = False
+    if name == "digits":
+        images, captions, _ = load_digits(int(cfg["resolution"]), get("split", "train") or "train")
+        src: Any = ArraySource(images, captions, "digits")
+    elif name == "folder":
+        src = FolderSource(get("path", ""))
+    elif name == "tar":
+        from lcm_jax.data.tar import TarSource, expand_shards
+        shards = expand_shards(get("path", ""))
+        if len(shards) >= process_count > 1:
+            shards, sharded = shards[process_index::process_count], True
+        src = TarSource(shards, caption_key=get("caption_key", "") or "caption",
+                        num_threads=int(get("num_threads", 16) or 16))
+    else:
+        src = TfdsSource(get("tfds_name", ""), get("split", "train") or "train", get("path", ""),
+                         get("image_key", "") or "image", get("caption_key", "") or "caption")
+    if len(src) == 0:
+        raise ValueError(f"data.source {name!r} at {get('path', '')!r} has no examples"
+                         + (f" for process {process_index} of {process_count}" if sharded else ""))
+    return src, sharded

@@ -1,0 +1,142 @@
+"""Input pipeline throughput: decoded + preprocessed images/s at 512x512, per CPU core, from a
+folder and from tar shards (lcm_jax.data.pipeline, the path training takes).
+
+    python benchmarks/data.py                                  # 96 JPEGs of 1024x768 -> 512x512
+    python benchmarks/data.py --size 640x480 --threads 1,2,4 --epochs 3
+
+The images are written first (smooth random colour fields with grain, JPEG quality 90: sizes
+and decode cost like web photos; sidecar captions), to a folder and to 4 tar shards. Each
+(source, threads) row runs the full pipeline (read, decode, RGB, crop+resize, flip, [-1, 1]
+CHW float32, batch, tokenize with a trivial tokenizer) for ``--epochs`` epochs after one
+warm-up batch, and reports images/s of wall time and images per CPU-second of this process
+(all threads; with --workers > 0 the worker processes' CPU is not seen, so read the wall
+rate): the second is the per-core rate, and the one to trust on a shared machine.
+A last row times ``decode.preprocess`` alone in a loop on one thread (no grain), with and
+without PIL's JPEG draft mode, to show what the pipeline adds.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lcm_jax.data import decode  # noqa: E402
+from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
+
+
+def photo(rng: np.random.Generator, w: int, h: int) -> bytes:
+    """A JPEG that compresses like a photo: a smooth colour field plus pixel noise."""
+    small = rng.integers(0, 256, (h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32)
+    img = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_data(root: str, n: int, w: int, h: int, shards: int) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    folder = os.path.join(root, "folder")
+    os.makedirs(folder)
+    tars = [tarfile.open(os.path.join(root, f"data-{s:03d}.tar"), "w") for s in range(shards)]
+    total = 0
+    for i in range(n):
+        data, caption = photo(rng, w, h), f"a photo number {i}".encode()
+        total += len(data)
+        with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(folder, f"{i:06d}.txt"), "wb") as f:
+            f.write(caption)
+        for name, payload in ((f"{i:06d}.jpg", data), (f"{i:06d}.txt", caption)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tars[i % shards].addfile(info, io.BytesIO(payload))
+    for t in tars:
+        t.close()
+    print(f"wrote {n} JPEGs of {w}x{h} (mean {total / n / 1024:.0f} KiB) to a folder and {shards} tar shards")
+    return folder, os.path.join(root, "data-{000..%03d}.tar" % (shards - 1))
+
+
+def tokenize(captions):
+    return np.zeros((len(captions), 77), np.int32)
+
+
+def run(data: dict, batch: int, epochs: int, n: int) -> tuple[float, float]:
+    """(images/s wall, images per CPU-second) over ``epochs`` epochs after one warm-up batch."""
+    p = make_pipeline(data, tokenize, batch, seed=0, num_epochs=epochs + 1)
+    next(p)
+    images = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for b in p:
+        images += len(b["pixels"])
+        if images >= epochs * n:
+            break
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    p.close()
+    return images / wall, images / cpu
+
+
+def bare(folder: str, resolution: int, n: int, draft: bool) -> tuple[float, float]:
+    """decode.preprocess in a loop on this thread: (images/s, images per CPU-second)."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".jpg"))[:n]
+    blobs = [open(os.path.join(folder, f), "rb").read() for f in files]
+    rng = np.random.default_rng(0)
+    from PIL import JpegImagePlugin
+    original = JpegImagePlugin.JpegImageFile.draft
+    if not draft:
+        JpegImagePlugin.JpegImageFile.draft = lambda self, mode, size: None  # type: ignore[method-assign]
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for blob in blobs:
+            decode.preprocess({"image": blob, "caption": "x"}, rng, resolution=resolution, center_crop=False,
+                              random_flip=True)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        JpegImagePlugin.JpegImageFile.draft = original
+    return len(blobs) / wall, len(blobs) / cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=96, help="images written")
+    ap.add_argument("--size", default="1024x768", help="source image WxH")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="decode threads per row")
+    ap.add_argument("--workers", default="0", help="decode processes per row (data.worker_count)")
+    args = ap.parse_args()
+    w, h = (int(x) for x in args.size.lower().split("x"))
+    cores = os.cpu_count()
+    print(f"{cores} CPU cores (os.cpu_count), load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as root:
+        folder, pattern = write_data(root, args.n, w, h, args.shards)
+        rows = []
+        for workers in (int(x) for x in args.workers.split(",")):
+            for threads in (int(t) for t in args.threads.split(",")):
+                for name, path in (("folder", folder), ("tar", pattern)):
+                    data = {"source": name, "path": path, "resolution": args.resolution, "random_flip": True,
+                            "center_crop": False, "num_threads": threads, "worker_count": workers}
+                    rows.append((name, threads, workers, *run(data, args.batch, args.epochs, args.n)))
+        for draft in (True, False):
+            rows.append((f"preprocess only{'' if draft else ', no JPEG draft'}", 1, 0,
+                         *bare(folder, args.resolution, args.n, draft)))
+    print(f"\n{args.size} JPEG -> {args.resolution}x{args.resolution}, batch {args.batch}\n")
+    print("| source | decode threads | worker processes | images/s (wall) | images per CPU-second |")
+    print("|---|---|---|---|---|")
+    for name, threads, workers, wall, per_cpu in rows:
+        print(f"| {name} | {threads} | {workers} | {wall:.1f} | {per_cpu:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

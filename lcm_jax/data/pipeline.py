@@ -1,0 +1,243 @@
+"""The grain input pipeline: source -> this process's shard -> shuffle (per epoch) -> decode and
+augment in worker threads (or processes) -> skip and count bad examples -> batch -> tokenize.
+
+``make_pipeline(config.data, tokenize_fn, batch_size, seed, process_index, process_count)``
+returns a ``Pipeline``: an iterator of this process's batches
+{"pixels": float32 [b, 3, R, R] in [-1, 1], "input_ids": int32 [b, L]} (b = batch_size /
+process_count, the Batcher's format) whose ``state()`` is a JSON-able dict; ``restore`` of
+it continues with exactly the next example (grain's iterator state + the counts; with several
+processes, every process's, gathered, so one host's checkpoint restores them all). Shuffle
+order and every random draw (crop, flip, caption dropout) are functions of (seed, process,
+position in the stream), so they do not depend on the number of threads.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable, Optional, Sequence, Union
+
+import grain
+import numpy as np
+
+from lcm_jax.data import decode
+from lcm_jax.data.sources import as_dict, make_source
+
+TokenizeFn = Callable[[Sequence[str]], np.ndarray]  # captions -> int32 [B, L]
+AllGather = Callable[[dict], list]  # this process's JSON-able dict -> every process's, in process order
+
+
+def jax_allgather(obj: dict) -> list:
+    """Every JAX process's ``obj`` (a collective: all processes call it at the same point)."""
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(rows[i, :int(n)].tobytes()) for i, n in enumerate(sizes)]
+
+
+def _default_allgather(process_count: int) -> Optional[AllGather]:
+    """jax_allgather when this runs as one of ``process_count`` JAX processes, else None (one
+    process, or several simulated in one, e.g. in tests: each keeps its own state)."""
+    jax = sys.modules.get("jax")
+    if process_count > 1 and jax is not None and jax.process_count() == process_count:
+        return jax_allgather
+    return None
+
+
+def _derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
+
+
+class Pipeline:
+    """This process's batches, a JSON-able position (``state``/``restore``) and the running
+    counts of skipped and repaired examples (``counts``; keys in ``decode.COUNTS``)."""
+
+    def __init__(self, dataset: grain.IterDataset, batch_size: int, tokenize: Callable[[dict], dict], *,
+                 num_examples: int, process_index: int, process_count: int, worker_count: int,
+                 describe: str, allgather: Optional[AllGather] = None):
+        self.num_examples = num_examples  # this process's examples (before skips)
+        self.describe = describe
+        self._allgather = allgather
+        self._info = {"process_index": process_index, "process_count": process_count,
+                      "worker_count": worker_count}
+        self._counts = {k: 0 for k in decode.COUNTS}
+        self._run = 0  # consecutive skips; 2N - 1 in a row hold a whole epoch: all are bad
+        self._max_run = min(2 * num_examples - 1, 1000)
+        self._dataset = (dataset.filter(self._count_and_keep).map(_drop_status)
+                         .batch(batch_size, drop_remainder=True).map(tokenize))
+        self._it: Any = iter(self._dataset)
+
+    def _count_and_keep(self, ex: dict) -> bool:
+        """grain filter, run in the consuming thread: count the example, keep it unless skipped."""
+        for note in ex["notes"]:
+            self._counts[note] += 1
+        if ex["status"] == "ok":
+            self._counts["examples"] += 1
+            self._run = 0
+            return True
+        self._counts[ex["status"]] += 1
+        self._run += 1
+        if self._run >= self._max_run:
+            raise ValueError(f"data: the last {self._run} examples read were all unusable "
+                             f"({self.describe}; counts {self.counts}); check data.path / the files")
+        return False
+
+    # ------------------------------------------------------------------ iterator
+    def __iter__(self) -> "Pipeline":
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def peek(self) -> dict:
+        """The next batch, leaving the position (and counts) where they were."""
+        state = self.local_state()
+        batch = next(self)
+        self.restore(state)
+        return batch
+
+    def start_prefetch(self) -> None:
+        """Start decoding in the background (e.g. after restore, while the model compiles)."""
+        self._it.start_prefetch()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Examples yielded, skipped (by reason) and repaired so far on this process; cumulative
+        over epochs (a bad file met twice counts twice) and carried across restore."""
+        return dict(self._counts)
+
+    # ------------------------------------------------------------------ position
+    def local_state(self) -> dict:
+        """This process's position (JSON-able)."""
+        return {"grain": self._it.get_state(), "counts": self.counts, "num_examples": self.num_examples,
+                **self._info}
+
+    def state(self) -> dict:
+        """JSON-able position: restore(state) continues with exactly the next example.
+
+        With several processes it holds every process's position, {"processes": [...]}, the
+        same dict on each (checkpoints write it from the primary host only); getting it is then
+        a collective: every process calls state() at the same point, as with saving a checkpoint.
+        """
+        if self._allgather is None:
+            return self.local_state()
+        return {"processes": self._allgather(self.local_state())}
+
+    def restore(self, state: dict) -> None:
+        if "processes" in state:  # every process's position: take ours
+            states, (i, n) = state["processes"], (self._info["process_index"], self._info["process_count"])
+            if len(states) != n:
+                raise ValueError(f"data state holds {len(states)} processes' positions but this run has "
+                                 f"{n} processes: the input position cannot be carried across that change")
+            state = states[i]
+        if "grain" not in state:
+            raise ValueError(f"data state {sorted(state)} was not saved by this pipeline (the in-memory "
+                             "Batcher's?): its position cannot be restored here")
+        for k, v in self._info.items():
+            if int(state.get(k, v)) != v:
+                raise ValueError(f"data state was saved with {k}={state[k]} but this run has {k}={v}: "
+                                 "the input position cannot be carried across that change")
+        if int(state.get("num_examples", self.num_examples)) != self.num_examples:
+            logging.warning("data: the checkpoint's source had %s examples on this process, now %d; "
+                            "the position continues but the order differs from the original run",
+                            state["num_examples"], self.num_examples)
+        self._it.set_state(state["grain"])
+        self._counts = {k: 0 for k in decode.COUNTS} | {k: int(v) for k, v in state.get("counts", {}).items()}
+        self._run = 0
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _drop_status(ex: dict) -> dict:
+    return {"pixels": ex["pixels"], "caption": ex["caption"]}
+
+
+def _tokenize_batch(batch: dict, tokenize_fn: TokenizeFn) -> dict:
+    captions = [str(c) for c in batch["caption"]]
+    ids = np.asarray(tokenize_fn(captions))
+    if ids.ndim != 2 or ids.shape[0] != len(captions) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"tokenize_fn must map {len(captions)} captions to integer ids [B, L], "
+                         f"got {ids.dtype} {ids.shape}")
+    return {"pixels": batch["pixels"], "input_ids": ids.astype(np.int32)}
+
+
+def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1, *,
+                  caption_dropout: Optional[float] = None, num_epochs: Optional[int] = None,
+                  allgather: Union[AllGather, None, str] = "auto") -> Pipeline:
+    """The training input pipeline for ``data_config`` (``config.data``); see the module doc.
+
+    data_config keys: source (digits | folder | tar | tfds), path, resolution, center_crop,
+    random_flip, caption_dropout, and optionally split, tfds_name, image_key, caption_key,
+    missing_caption (empty | skip), num_threads (decode threads per process, default 16),
+    worker_count (decode processes, default 0: threads only), prefetch (examples buffered,
+    default 2 x batch + threads).
+    ``caption_dropout``: overrides data_config.caption_dropout (pass 0.0 when the train step
+    drops captions itself). ``num_epochs``: None repeats forever. ``allgather``: how ``state()``
+    collects every process's position ("auto": over JAX processes when there are several).
+    Raises ValueError (unknown source, wrong path, no examples, bad values) before reading data.
+    """
+    c = as_dict(data_config)
+    resolution = int(c.get("resolution", 0))
+    if resolution < 1:
+        raise ValueError(f"data.resolution must be >= 1, got {c.get('resolution')}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not a positive multiple of the {process_count} processes")
+    p_drop = float(c.get("caption_dropout", 0.0) if caption_dropout is None else caption_dropout)
+    if not 0.0 <= p_drop <= 1.0:
+        raise ValueError(f"data.caption_dropout must be in [0, 1], got {p_drop}")
+    missing = c.get("missing_caption", "empty") or "empty"
+    if missing not in decode.MISSING_CAPTION:
+        raise ValueError(f"data.missing_caption {missing!r}: expected one of {decode.MISSING_CAPTION}")
+    num_threads = int(c.get("num_threads", 16) if c.get("num_threads") is not None else 16)
+    worker_count = int(c.get("worker_count", 0) or 0)
+    if num_threads < 0 or worker_count < 0:
+        raise ValueError(f"data.num_threads ({num_threads}) and data.worker_count ({worker_count}) must be >= 0")
+    local_batch = batch_size // process_count
+
+    source, sharded = make_source(c, process_index, process_count)
+    ds = grain.MapDataset.source(source)
+    if not sharded:  # contiguous, disjoint, covering (sizes differ by at most one)
+        n = len(source)
+        ds = ds[n * process_index // process_count:n * (process_index + 1) // process_count]
+        if len(ds) == 0:
+            raise ValueError(f"data.source {c.get('source')!r} has {n} examples: none for process "
+                             f"{process_index} of {process_count}")
+    num_examples = len(ds)
+    if num_examples < local_batch:
+        logging.warning("data: %d examples on this process, fewer than its batch of %d: batches repeat examples",
+                        num_examples, local_batch)
+    ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0)).repeat(num_epochs)
+    fn = functools.partial(decode.preprocess, resolution=resolution, center_crop=bool(c.get("center_crop", True)),
+                           random_flip=bool(c.get("random_flip", False)), caption_dropout=p_drop,
+                           missing_caption=missing)
+    ds = ds.random_map(fn, seed=_derive_seed(seed, process_index, 1))
+    prefetch = int(c.get("prefetch", 0) or 0) or 2 * local_batch + num_threads
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    if worker_count:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    describe = f"{c.get('source')} {c.get('path') or c.get('tfds_name') or ''}".strip()
+    pipe = Pipeline(it_ds, local_batch, functools.partial(_tokenize_batch, tokenize_fn=tokenize_fn),
+                    num_examples=num_examples, process_index=process_index, process_count=process_count,
+                    worker_count=worker_count, describe=describe,
+                    allgather=_default_allgather(process_count) if allgather == "auto" else allgather)
+    logging.info("data: %s, %d examples on process %d of %d, batch %d per process",
+                 describe, num_examples, process_index, process_count, local_batch)
+    return pipe

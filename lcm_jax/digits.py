@@ -1,0 +1,128 @@
+"""The digits reproduction of the LCM paper's Table 1 (configs/digits.py): the stages in order.
+
+teacher (lcm_jax/teacher.py) -> LCD (trainer.train, the same code as the SD configs) ->
+ablations (trainer.train per solver Psi / skipping step k, reduced budget) -> evaluation
+(lcm_jax/eval/table.py). Each stage is resumable and skipped when its output exists.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+
+from lcm_jax import teacher as teacher_lib
+from lcm_jax import trainer
+from lcm_jax.eval import table
+from lcm_jax.eval.inloop import load_or_train_scorer
+from lcm_jax.pipeline import LCMPipeline
+
+
+def _done(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "model_index.json"))
+
+
+def lcd_config(config, teacher: str, scorer: str):
+    """The LCD config of the main run: this config with the teacher and the shared scorer filled in."""
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.pretrained = teacher
+        c.eval.scorer = scorer
+    return c
+
+
+def ablation_configs(config, teacher: str, scorer: str) -> dict[str, object]:
+    """{name: config}: one LCD run per solver (at k = T / N of the main run) and per skipping step k
+    (with DDIM), at ``config.ablation.num_steps``; the (ddim, main k) run appears once."""
+    base = lcd_config(config, teacher, scorer)
+    T = 1000
+    main_k = T // config.lcd.num_ddim_timesteps
+    runs = {}
+    for solver, k in [(s, main_k) for s in config.ablation.solvers] + [("ddim", k) for k in config.ablation.skipping_steps]:
+        if T % k:
+            raise ValueError(f"ablation skipping step k={k} does not divide T={T}")
+        c = copy.deepcopy(base)
+        with c.unlocked():
+            c.num_steps = config.ablation.num_steps
+            c.lcd.solver = solver
+            c.lcd.num_ddim_timesteps = T // k
+            c.eval_every = 0
+            c.sample_steps = ()  # no grids: the evaluation scores these runs
+            c.checkpoint_every = config.ablation.num_steps
+        runs.setdefault(f"solver={solver} k={k}", c)
+    return runs
+
+
+def run(config, workdir: str) -> str:
+    """All stages; returns WORKDIR/results.md, or "" when pre-empted (rerun to continue)."""
+    os.makedirs(workdir, exist_ok=True)
+    timings_path = os.path.join(workdir, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+
+    def timed(name, fn, *args):
+        t0 = time.time()
+        out = fn(*args)
+        if out:
+            timings[name] = timings.get(name, 0.0) + time.time() - t0
+            if jax.process_index() == 0:
+                with open(timings_path, "w") as f:
+                    json.dump(timings, f, indent=2)
+        return out
+
+    # ------------------------------------------------------------------ stage 1: teacher
+    teacher_dir = timed("teacher", teacher_lib.train_teacher, config, workdir)
+    if not teacher_dir:
+        return ""
+    scorer_path = os.path.join(workdir, "scorer.safetensors")
+    timed("scorer", lambda: load_or_train_scorer(scorer_path, config.data.resolution,
+                                                 config.table.classifier_steps) and scorer_path)
+
+    # ------------------------------------------------------------------ stage 2: LCD
+    final = os.path.join(workdir, "final")
+    if not _done(final):
+        final = timed("lcd", trainer.train, lcd_config(config, teacher_dir, scorer_path), workdir)
+        if not final:
+            return ""
+
+    # ------------------------------------------------------------------ stage 3: ablations
+    ablations = {}
+    for name, c in ablation_configs(config, teacher_dir, scorer_path).items():
+        d = os.path.join(workdir, "ablations", name.replace(" ", "_").replace("=", ""))
+        out = os.path.join(d, "final")
+        if not _done(out):
+            logging.info("ablation %s: %d LCD steps in %s", name, c.num_steps, d)
+            out = timed(f"ablation {name}", trainer.train, c, d)
+            if not out:
+                return ""
+        ablations[name] = out
+
+    # ------------------------------------------------------------------ stage 4: evaluation
+    def evaluate():
+        teacher = LCMPipeline.from_pretrained(teacher_dir)
+        shared: dict = {}
+        lcms = {}
+        for name, folder in {"LCM": final, **ablations}.items():
+            student = LCMPipeline.from_pretrained(folder)
+            lcms[name] = dataclasses.replace(teacher, unet=student.unet, unet_params=student.unet_params,
+                                             _compiled=shared)
+        scorer = load_or_train_scorer(scorer_path, config.data.resolution)
+        results = table.evaluate(config.table, teacher, lcms, scorer, workdir, config.data.resolution,
+                                 ablation_steps=config.ablation.sample_steps)
+        results["ablation_steps_trained"] = int(config.ablation.num_steps)
+        results["lcd_steps"] = int(config.num_steps)
+        return results
+
+    results_md = os.path.join(workdir, "results.md")
+    if os.path.isfile(os.path.join(workdir, "results.json")) and os.path.isfile(results_md):
+        logging.info("evaluation: %s exists, skipping (delete results.json to evaluate again)", results_md)
+        return results_md
+    results = timed("evaluation", evaluate)
+    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    if jax.process_index() == 0:
+        table.write(results, workdir)
+        logging.info("results: %s", results_md)
+    return results_md

@@ -1,0 +1,163 @@
+"""The digits Table 1: samplers x steps, scored by Fréchet distance and accuracy, written out.
+
+Rows as the paper's Table 1 (teacher DDIM / DPM-Solver / DPM-Solver++ with CFG, and the LCM,
+all at guidance w), columns FD and accuracy at each step count, mean ± std over sampling
+seeds; beside it the numbers that say how to read it: the FD floor of real digits (another
+sample of the same size, and the same images through the autoencoder), the teacher's
+DDIM-50 at several w, and the ablation runs (solver Psi, skipping step k).
+Outputs: results.json, results.md, grids/<row>_<steps>.png, fd_vs_steps.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import tqdm
+
+from lcm_jax.data.sources import load_digits
+from lcm_jax.eval.inloop import digit_prompts
+from lcm_jax.images import save_grid
+from lcm_jax.pipeline import LCMPipeline
+
+TEACHER_ROWS = {"DDIM": "ddim", "DPM-Solver": "dpm", "DPM-Solver++": "dpm++"}
+GRID_PER_CLASS = 8
+
+
+def score_sampler(pipe: LCMPipeline, scorer, scheduler: str, steps: int, w: float, per_class: int,
+                  seeds, grid_path: Optional[str] = None) -> dict:
+    """FD and accuracy per seed of ``per_class`` images of each digit; a grid of the first seed."""
+    prompts, labels = digit_prompts(per_class)
+    fds, accs = [], []
+    for i, seed in enumerate(seeds):
+        images = pipe(prompts, steps, w, scheduler, seed=int(seed), num_images_per_prompt=per_class)
+        score = scorer.score(images, labels)
+        fds.append(float(score["fd"]))
+        accs.append(float(score["accuracy"]))
+        if i == 0 and grid_path:
+            k = min(per_class, GRID_PER_CLASS)
+            save_grid(images.reshape(10, per_class, *images.shape[1:])[:, :k].reshape(-1, *images.shape[1:]),
+                      10, grid_path)
+    return {"fd": fds, "acc": accs}
+
+
+def floor_rows(pipe: LCMPipeline, scorer, resolution: int, per_class: int, seed: int = 0) -> dict:
+    """Real digits scored like samples: a class-balanced draw of the training digits (the
+    sample-size floor), and the same images through the teacher's autoencoder (posterior mode)."""
+    images, _, labels = load_digits(resolution, "train")
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(labels == d), per_class, replace=False) for d in range(10)])
+    real, y = images[idx], labels[idx]
+    vae = pipe.vae
+    x = real.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+    @jax.jit
+    def reconstruct(params, x):
+        return vae.apply({"params": params}, x)  # encode -> mode -> decode, [N, 3, H, W]
+
+    recon = np.asarray(reconstruct(pipe.vae_params, x)).transpose(0, 2, 3, 1)
+    recon = np.round(np.clip(recon / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
+    rows = {}
+    for name, imgs in (("real digits (same sample size)", real), ("real digits through the autoencoder", recon)):
+        s = scorer.score(imgs, y)
+        rows[name] = {"fd": [float(s["fd"])], "acc": [float(s["accuracy"])]}
+    return rows
+
+
+def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, outdir: str,
+             resolution: int, ablation_steps=(1, 2, 4)) -> dict:
+    """Everything in results.json. ``lcms``: {"LCM": main student, <ablation name>: student, ...}.
+
+    ``cfg`` is ``config.table``. All LCM pipelines should share one ``_compiled`` dict (same
+    module definitions), so each (sampler, steps) compiles once.
+    """
+    w, per_class, seeds = float(cfg.guidance_scale), int(cfg.per_class), [int(s) for s in cfg.seeds]
+    grids = os.path.join(outdir, "grids")
+    jobs = [("table", name, teacher, sched, s) for name, sched in TEACHER_ROWS.items() for s in cfg.steps]
+    jobs += [("table", "LCM", lcms["LCM"], "lcm", s) for s in cfg.steps]
+    jobs += [("ablation", name, pipe, "lcm", s) for name, pipe in lcms.items() if name != "LCM"
+             for s in ablation_steps]
+    results: dict[str, Any] = {"guidance_scale": w, "per_class": per_class, "seeds": seeds,
+                               "table": {}, "reference": {}, "floor": {}, "ablation": {}}
+    for part, name, pipe, sched, s in tqdm.tqdm(jobs, desc="evaluate"):
+        seeds_here = seeds if part == "table" else seeds[:1]
+        results[part].setdefault(name, {})[str(s)] = score_sampler(
+            pipe, scorer, sched, int(s), w, per_class, seeds_here,
+            os.path.join(grids, f"{name.replace(' ', '_')}_{s}steps.png"))
+    for ref_w in tqdm.tqdm(cfg.reference_guidances, desc="teacher reference"):
+        name = f"DDIM-{cfg.reference_steps} w={ref_w:g}"
+        results["reference"][name] = score_sampler(teacher, scorer, "ddim", int(cfg.reference_steps), float(ref_w),
+                                                   per_class, seeds, os.path.join(grids, f"DDIM-{cfg.reference_steps}_w{ref_w:g}.png"))
+    results["floor"] = floor_rows(teacher, scorer, resolution, per_class)
+    return results
+
+
+def _cell(values: list[float], digits: int) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """The tables of results.md (FD: lower is better; accuracy: higher is better)."""
+    lines = []
+    steps = sorted({int(s) for row in results["table"].values() for s in row})
+    head = "| method | " + " | ".join(f"FD {s}-step" for s in steps) + " | " + \
+        " | ".join(f"acc {s}-step" for s in steps) + " |"
+    rule = "|---" * (1 + 2 * len(steps)) + "|"
+    lines += [f"### Table 1 on digits (w = {results['guidance_scale']:g}, {results['per_class']} images per "
+              f"class, mean ± std over seeds {results['seeds']})", "", head, rule]
+    for name, row in results["table"].items():
+        fd = [(_cell(row[str(s)]["fd"], 2) if str(s) in row else "") for s in steps]
+        acc = [(_cell(row[str(s)]["acc"], 3) if str(s) in row else "") for s in steps]
+        lines.append(f"| {name} | " + " | ".join(fd) + " | " + " | ".join(acc) + " |")
+    lines += ["", "### How to read it: floors and the teacher's 50-step quality", "", "| reference | FD | acc |",
+              "|---|---|---|"]
+    for name, row in {**results["floor"], **results["reference"]}.items():
+        lines.append(f"| {name} | {_cell(row['fd'], 2)} | {_cell(row['acc'], 3)} |")
+    if results["ablation"]:
+        a_steps = sorted({int(s) for row in results["ablation"].values() for s in row})
+        lines += ["", f"### Ablation at a reduced budget ({results.get('ablation_steps_trained', '?')} LCD steps, "
+                  "one seed): solver Psi and skipping step k", "",
+                  "| run | " + " | ".join(f"FD {s}-step" for s in a_steps) + " | " +
+                  " | ".join(f"acc {s}-step" for s in a_steps) + " |", "|---" * (1 + 2 * len(a_steps)) + "|"]
+        for name, row in results["ablation"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(row[str(s)]["fd"], 2) for s in a_steps) + " | " +
+                         " | ".join(_cell(row[str(s)]["acc"], 3) for s in a_steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> str:
+    """FD vs steps per method (log-x), with the DDIM-50 references as horizontal lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, row in results["table"].items():
+        steps = sorted(int(s) for s in row)
+        means = [np.mean(row[str(s)]["fd"]) for s in steps]
+        errs = [np.std(row[str(s)]["fd"]) for s in steps]
+        ax.errorbar(steps, means, yerr=errs, marker="o", capsize=3, label=name)
+    for name, row in results["reference"].items():
+        ax.axhline(np.mean(row["fd"]), linestyle=":", linewidth=1, color="gray")
+        ax.annotate(name, (ax.get_xlim()[0], np.mean(row["fd"])), fontsize=6, color="gray", va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("Fréchet distance (digit-classifier features)")
+    ax.set_title(f"Digits, w = {results['guidance_scale']:g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write(results: dict, outdir: str) -> None:
+    with open(os.path.join(outdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(outdir, "results.md"), "w") as f:
+        f.write(markdown(results))
+    plot(results, os.path.join(outdir, "fd_vs_steps.png"))

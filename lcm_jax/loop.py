@@ -1,0 +1,141 @@
+"""The loop every trainer here shares: step, log, check finiteness, checkpoint, pre-emption.
+
+LCD/LCF (trainer.py) and the teacher stages (teacher.py) differ in their step function and
+their side outputs, not in how a step is driven, logged, checkpointed or stopped.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import tqdm
+
+from lcm_jax import distill, sharding
+from lcm_jax.checkpoint import Checkpointer, abstract_like
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient."""
+
+
+def init_sharded(params: Any, tx, seed: int, mesh) -> tuple[distill.TrainState, Any]:
+    """The train state built on the mesh by the partition rules; (state, its shardings)."""
+    init_fn = functools.partial(distill.init_state, tx=tx, seed=seed)
+    state_sh = sharding.tree_shardings(jax.eval_shape(init_fn, params), mesh)
+    params_sh = sharding.tree_shardings(params, mesh)
+    state = jax.jit(init_fn, in_shardings=(params_sh,), out_shardings=state_sh)(sharding.put(params, params_sh))
+    return state, state_sh
+
+
+def compile_step(step_fn: Callable, state: Any, state_sh: Any, example: dict, batch_size: int,
+                 frozen: Any, frozen_sh: Any, mesh) -> Callable:
+    """``step_fn(state, batch, frozen)`` compiled ahead of time for the global batch, state donated,
+    so a shape error shows before any data is read."""
+    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in example.items()}
+    batch_abstract = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=batch_sh[k])
+                      for k, v in example.items()}
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, frozen_sh),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    t0 = time.time()
+    compiled = jitted.lower(abstract_like(state, state_sh), batch_abstract, frozen).compile()
+    logging.info("train step compiled in %.1fs", time.time() - t0)
+    return compiled
+
+
+def check_finite(step: int, metrics: dict) -> None:
+    if not bool(jax.device_get(metrics["finite"])):
+        m = jax.device_get(metrics)
+        raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+                             f"grad_norm={float(m['grad_norm'])}); stopping. Checkpoints already "
+                             "written are untouched; lower learning_rate or check the data.")
+
+
+class MetricWriter:
+    """TensorBoard scalars (DIR/tensorboard) and the same rows in DIR/metrics.jsonl."""
+
+    def __init__(self, directory: str):
+        from tensorboardX import SummaryWriter
+        os.makedirs(directory, exist_ok=True)
+        self.tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
+
+    def write(self, step: int, row: dict, prefix: str = "train") -> None:
+        for k, v in row.items():
+            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **({f"{prefix}/{k}": v for k, v in row.items()}
+                                                      if prefix != "train" else row)}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+        self.jsonl.close()
+
+
+def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: Any, *, mesh, num_steps: int,
+             log_every: int, ckpt: Checkpointer, config_dict: dict, desc: str,
+             writer: Optional[MetricWriter] = None, lr_fn: Optional[Callable[[int], float]] = None,
+             after_step: Optional[Callable[[int, Any], Optional[dict]]] = None) -> tuple[Any, bool]:
+    """Run ``compiled(state, batch, frozen) -> (state, metrics)`` up to ``num_steps``.
+
+    ``batches`` has ``state()`` (its position, saved with every checkpoint). ``after_step(step,
+    state)`` may return extra scalars (an in-loop evaluation) for the log and the progress bar.
+    Returns (state, preempted): on SIGTERM the current step is saved and the loop returns early.
+    A non-finite loss raises NonFiniteError; checkpoints already written stay.
+    """
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    start = int(jax.device_get(state.step))
+    pending: Optional[tuple[int, dict]] = None
+    bar = tqdm.tqdm(total=num_steps, initial=start, disable=jax.process_index() != 0, desc=desc)
+    postfix: dict = {}
+    t_last, n_last = time.time(), start
+    try:
+        for step in range(start + 1, num_steps + 1):
+            batch = sharding.global_batch(next(batches), mesh)
+            state, metrics = compiled(state, batch, frozen)
+            if pending is not None:  # check the previous step while this one runs
+                check_finite(*pending)
+            pending = (step, metrics)
+            if step % log_every == 0 or step == num_steps:
+                m = jax.device_get(metrics)
+                check_finite(step, m)
+                rate = (step - n_last) / max(time.time() - t_last, 1e-9)
+                t_last, n_last = time.time(), step
+                postfix.update(loss=f"{m['loss']:.4g}", steps_per_s=f"{rate:.2f}")
+                bad = sum(v for k, v in getattr(batches, "counts", {}).items() if k.startswith("skipped"))
+                if bad:
+                    postfix["skipped"] = bad
+                if writer is not None:
+                    row = {k: float(v) for k, v in m.items()}
+                    row["steps_per_s"] = rate
+                    if lr_fn is not None:
+                        row["lr"] = float(lr_fn(step))
+                    row.update({f"data_{k}": v for k, v in getattr(batches, "counts", {}).items()})
+                    writer.write(step, row)
+            extra = after_step(step, state) if after_step is not None else None
+            if extra:
+                postfix.update({k: f"{v:.3g}" for k, v in extra.items()})
+                if writer is not None:
+                    writer.write(step, extra, prefix="eval")
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if (ckpt.every > 0 and step % ckpt.every == 0) or stop["signal"] is not None:
+                check_finite(*pending)
+                ckpt.save(step, state, batches.state(), config_dict, force=True)
+            if stop["signal"] is not None:
+                logging.warning("received signal %s: saved step %d, exiting", stop["signal"], step)
+                return state, True
+        if pending is not None:
+            check_finite(*pending)
+        ckpt.save(num_steps, state, batches.state(), config_dict, force=True)
+        return state, False
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.wait()

@@ -1,0 +1,71 @@
+"""The digits reproduction (configs/digits.py): every stage end to end at smoke size."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs.digits import get_config
+from lcm_jax import digits
+from lcm_jax.eval import table
+
+
+def test_ablation_runs_cover_solvers_and_k_once():
+    c = get_config()
+    runs = digits.ablation_configs(c, "/teacher", "/scorer")
+    assert list(runs) == ["solver=ddim k=20", "solver=dpm k=20", "solver=dpm++ k=20",
+                          "solver=ddim k=1", "solver=ddim k=5"]
+    assert runs["solver=ddim k=1"].lcd.num_ddim_timesteps == 1000
+    assert runs["solver=dpm++ k=20"].lcd.solver == "dpm++"
+    assert all(r.num_steps == c.ablation.num_steps and r.pretrained == "/teacher" and r.eval_every == 0
+               for r in runs.values())
+    assert c.pretrained == "" and c.num_steps == 1000  # the user's config is not touched
+
+
+def test_markdown_layout():
+    cell = {"fd": [1.0, 3.0], "acc": [0.5, 0.7]}
+    results = {"guidance_scale": 9.0, "per_class": 4, "seeds": [0, 1],
+               "table": {"DDIM": {"1": cell, "2": cell}, "LCM": {"1": cell, "2": cell}},
+               "reference": {"DDIM-50 w=9": cell}, "floor": {"real": {"fd": [0.5], "acc": [1.0]}},
+               "ablation": {"solver=ddim k=20": {"1": {"fd": [2.0], "acc": [0.9]}}}, "ablation_steps_trained": 10}
+    md = table.markdown(results)
+    assert "| method | FD 1-step | FD 2-step | acc 1-step | acc 2-step |" in md
+    assert "| LCM | 2.00 ± 1.00 | 2.00 ± 1.00 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in md
+    assert "| real | 0.50 | 1.000 |" in md and "| solver=ddim k=20 | 2.00 | 0.900 |" in md
+
+
+@pytest.mark.slow
+def test_smoke_run_every_stage(tmp_path):
+    """Teacher -> LCD -> ablations -> evaluation at smoke size; a rerun skips every stage."""
+    workdir = str(tmp_path / "digits")
+    config = get_config("smoke")
+    out = digits.run(config, workdir)
+    assert out == os.path.join(workdir, "results.md")
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert set(results["table"]) == {"DDIM", "DPM-Solver", "DPM-Solver++", "LCM"}
+    for row in results["table"].values():
+        assert set(row) == {"1", "2"} and all(len(c["fd"]) == 2 for c in row.values())
+        assert all(np.isfinite(c["fd"]).all() and 0 <= min(c["acc"]) <= max(c["acc"]) <= 1 for c in row.values())
+    assert set(results["ablation"]) == {"solver=dpm++ k=20"}
+    assert set(results["reference"]) == {"DDIM-2 w=9"}
+    assert len(results["floor"]) == 2
+    for name in ("teacher", "final", "results.md", "fd_vs_steps.png", "grids/LCM_1steps.png",
+                 "grids/DDIM_2steps.png", "scorer.safetensors", "ablations/solverdpm++_k20/final"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert "steps_per_s" in open(os.path.join(workdir, "metrics.jsonl")).read()
+    assert "eval/fd_1" in open(os.path.join(workdir, "metrics.jsonl")).read()  # the in-loop evaluation
+
+    # diffusers' own pipeline loads and runs the teacher folder
+    import torch
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(workdir, "teacher"), safety_checker=None)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    image = pipe("a handwritten digit seven", num_inference_steps=2, guidance_scale=9.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+    # a rerun finds every output and redoes nothing
+    mtime = os.path.getmtime(os.path.join(workdir, "final", "model_index.json"))
+    assert digits.run(config, workdir) == out
+    assert os.path.getmtime(os.path.join(workdir, "final", "model_index.json")) == mtime
+    assert json.load(open(os.path.join(workdir, "results.json")))["table"] == results["table"]
