@@ -45,6 +45,7 @@ def compile_step(step_fn: Callable, state: Any, state_sh: Any, example: dict, ba
     t0 = time.time()
     compiled = jitted.lower(abstract_like(state, state_sh), batch_abstract, frozen).compile()
     logging.info("train step compiled in %.1fs", time.time() - t0)
+    sharding.sync_processes("step_compiled")  # first collective comes next: start it together
     return compiled
 
 

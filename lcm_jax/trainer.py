@@ -96,6 +96,7 @@ def train(config, workdir: str) -> str:
             from lcm_jax.tiny import make_tiny_pipeline
             if is_main:
                 make_tiny_pipeline(pretrained, DIGIT_WORDS, resolution=config.data.resolution, seed=config.seed)
+        sharding.sync_processes("tiny_teacher")  # the others read what process 0 wrote
     pipe = LCMPipeline.from_pretrained(pretrained, dtype=config.dtype)
     if spec.mode == "lcd":
         if pipe.is_lcm:
@@ -146,9 +147,10 @@ def train(config, workdir: str) -> str:
     evaluate = make_evaluator(config, pipe, workdir) if config.get("eval_every", 0) else None
 
     def after_step(step, state):
-        if is_main and config.sample_every and step % config.sample_every == 0:
-            _sample_grids(pipe, student, _export_params(state, config), config,
-                          os.path.join(workdir, "samples", f"step_{step:07d}"))
+        if config.sample_every and step % config.sample_every == 0:
+            params = _host_params(state, config)  # every process takes part in the gather
+            if is_main:
+                _sample_grids(pipe, student, params, config, os.path.join(workdir, "samples", f"step_{step:07d}"))
         if evaluate is not None and step % config.eval_every == 0:
             return evaluate(student, _export_params(state, config))
         return None
@@ -168,12 +170,13 @@ def train(config, workdir: str) -> str:
 
     # ------------------------------------------------------------------ export
     final = os.path.join(workdir, "final")
+    params = _host_params(state, config)
     if is_main:
-        out = dataclasses.replace(pipe, unet=student.clone(remat="none"), unet_params=None, _compiled={})
-        out.unet_params = jax.device_get(_export_params(state, config))
+        out = dataclasses.replace(pipe, unet=student.clone(remat="none"), unet_params=params, _compiled={})
         out.save_pretrained(final)
         _sample_grids(out, out.unet, out.unet_params, config, os.path.join(workdir, "samples", "final"))
     ckpt.close()
+    sharding.sync_processes("exported")  # no process returns before final/ is complete
     return final
 
 
@@ -181,6 +184,16 @@ def _export_params(state: distill.TrainState, config) -> Any:
     """theta^- (the EMA target; default) or the online student params."""
     from lcm_jax.ema import ema_params
     return ema_params(state.opt_state) if config.get("export_params", "ema") == "ema" else state.params
+
+
+def _host_params(state: distill.TrainState, config) -> Any:
+    """The export params as host numpy arrays. With several processes the params span devices
+    that process 0 cannot read, so every process joins an all-gather (call it on all of them)."""
+    params = _export_params(state, config)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
 
 
 def _sample_grids(pipe: LCMPipeline, unet: UNet2DConditionModel, params: Any, config, prefix: str) -> None:

@@ -244,6 +244,16 @@ def test_processes_disjoint_and_covering(folder, shards, source):
     assert len(seen[0]) == len(set(seen[0])) == 5
 
 
+def test_processes_split_the_one_process_batches(folder):
+    """Index-addressable sources: the processes' batches, stacked in process order, are the
+    one-process batches, augmentation draws included, so a run's data does not depend on the
+    number of hosts (the two-process training test in test_faults relies on it)."""
+    one = take(make_pipeline(cfg("folder", folder, **AUG), tokenize, 4, 7), 6)
+    parts = [take(make_pipeline(cfg("folder", folder, **AUG), tokenize, 4, 7, p, 2), 6) for p in range(2)]
+    stacked = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts)]
+    assert same(stacked, one)
+
+
 def test_multiprocess_state_holds_every_position(folder):
     """With several processes, state() gathers every process's position (the checkpoint is
     written by one host) and each process restores its own."""

@@ -1,5 +1,5 @@
-"""The grain input pipeline: source -> this process's shard -> shuffle (per epoch) -> decode and
-augment in worker threads (or processes) -> skip and count bad examples -> batch -> tokenize.
+"""The grain input pipeline: source -> shuffle (per epoch) -> this process's slice of each global
+batch -> decode and augment in worker threads (or processes) -> skip and count bad examples -> batch -> tokenize.
 
 ``make_pipeline(config.data, tokenize_fn, batch_size, seed, process_index, process_count)``
 returns a ``Pipeline``: an iterator of this process's batches
@@ -7,8 +7,10 @@ returns a ``Pipeline``: an iterator of this process's batches
 process_count, the Batcher's format) whose ``state()`` is a JSON-able dict; ``restore`` of
 it continues with exactly the next example (grain's iterator state + the counts; with several
 processes, every process's, gathered, so one host's checkpoint restores them all). Shuffle
-order and every random draw (crop, flip, caption dropout) are functions of (seed, process,
-position in the stream), so they do not depend on the number of threads.
+order and every random draw (crop, flip, caption dropout) are functions of (seed, position
+in the one global stream), so they depend neither on the number of threads nor on the number
+of processes (tar shards split whole between processes are the exception: there each
+process shuffles its own shards).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ class Pipeline:
     def __init__(self, dataset: grain.IterDataset, batch_size: int, tokenize: Callable[[dict], dict], *,
                  num_examples: int, process_index: int, process_count: int, worker_count: int,
                  describe: str, allgather: Optional[AllGather] = None):
-        self.num_examples = num_examples  # this process's examples (before skips)
+        self.num_examples = num_examples  # the examples this process's stream is drawn from (before skips)
         self.describe = describe
         self._allgather = allgather
         self._info = {"process_index": process_index, "process_count": process_count,
@@ -173,6 +175,24 @@ def _tokenize_batch(batch: dict, tokenize_fn: TokenizeFn) -> dict:
     return {"pixels": batch["pixels"], "input_ids": ids.astype(np.int32)}
 
 
+def process_slice(ds: grain.MapDataset, local_batch: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+    """Process p's part of every global batch of the stream ``ds``: positions
+    [b*B + p*lb, b*B + (p+1)*lb) for global batch b (B = process_count * lb). The processes'
+    batches, stacked in process order, are the one-process batches: a run's data and every
+    random draw do not depend on how many hosts feed it."""
+    if process_count == 1:
+        return ds
+    lb, big_b = local_batch, local_batch * process_count
+    full, rest = divmod(len(ds), big_b)
+    n = full * lb + min(max(rest - process_index * lb, 0), lb)
+    return grain.MapDataset.range(n).map(functools.partial(_pick, ds=ds, lb=lb, big_b=big_b, p=process_index))
+
+
+def _pick(j: int, ds: grain.MapDataset, lb: int, big_b: int, p: int) -> Any:
+    return ds[(j // lb) * big_b + p * lb + j % lb]  # picklable, for worker processes
+
+
 def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: int = 0,
                   process_index: int = 0, process_count: int = 1, *,
                   caption_dropout: Optional[float] = None, num_epochs: Optional[int] = None,
@@ -209,23 +229,24 @@ def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: i
         raise ValueError(f"data.num_threads ({num_threads}) and data.worker_count ({worker_count}) must be >= 0")
     local_batch = batch_size // process_count
 
-    source, sharded = make_source(c, process_index, process_count)
-    ds = grain.MapDataset.source(source)
-    if not sharded:  # contiguous, disjoint, covering (sizes differ by at most one)
-        n = len(source)
-        ds = ds[n * process_index // process_count:n * (process_index + 1) // process_count]
-        if len(ds) == 0:
-            raise ValueError(f"data.source {c.get('source')!r} has {n} examples: none for process "
-                             f"{process_index} of {process_count}")
-    num_examples = len(ds)
-    if num_examples < local_batch:
-        logging.warning("data: %d examples on this process, fewer than its batch of %d: batches repeat examples",
-                        num_examples, local_batch)
-    ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0)).repeat(num_epochs)
     fn = functools.partial(decode.preprocess, resolution=resolution, center_crop=bool(c.get("center_crop", True)),
                            random_flip=bool(c.get("random_flip", False)), caption_dropout=p_drop,
                            missing_caption=missing)
-    ds = ds.random_map(fn, seed=_derive_seed(seed, process_index, 1))
+    source, sharded = make_source(c, process_index, process_count)
+    ds = grain.MapDataset.source(source)
+    num_examples = len(ds)
+    if sharded:  # tar shards split whole between processes: each shuffles and draws its own
+        ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0)).repeat(num_epochs)
+        ds = ds.random_map(fn, seed=_derive_seed(seed, process_index, 1))
+    else:  # one global stream, the same for any process count; each process reads its slice
+        ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(num_epochs).random_map(fn, seed=_derive_seed(seed, 1))
+        ds = process_slice(ds, local_batch, process_index, process_count)
+        if len(ds) == 0:
+            raise ValueError(f"data.source {c.get('source')!r} has {num_examples} examples: none for "
+                             f"process {process_index} of {process_count}")
+    if num_examples < batch_size // (process_count if sharded else 1):
+        logging.warning("data: %d examples, fewer than a batch of %d: batches repeat examples",
+                        num_examples, batch_size)
     prefetch = int(c.get("prefetch", 0) or 0) or 2 * local_batch + num_threads
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     if worker_count:
