@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "digits"        # digits | folder
+    c.data.source = "digits"        # digits | folder | tar | tfds | cache (python -m lcm_jax.data.cache)
     c.data.path = ""
     c.data.resolution = 32
     c.data.center_crop = True

@@ -113,12 +113,18 @@ def train(config, workdir: str) -> str:
     models = distill.Models(student, teacher, pipe.vae, pipe.text_encoder, pipe.schedule)
 
     # ------------------------------------------------------------------ data
+    cached = config.data.source == "cache"  # latents + prompt embeddings from lcm_jax.data.cache
+    if cached:  # refuse a cache made by another VAE / text encoder, before anything compiles
+        from lcm_jax.data.cache import check_compatible
+        check_compatible(config.data.path, pipe, config.data.resolution, pretrained)
     batcher = make_pipeline(config.data, functools.partial(tokenize, pipe.tokenizer), config.batch_size,
                             config.seed, jax.process_index(), jax.process_count(),
                             caption_dropout=0.0)  # the train step drops captions (DistillSpec)
 
     # ------------------------------------------------------------------ sharded init
-    frozen = {"vae": pipe.vae_params, "text": pipe.text_params, "uncond": np.asarray(pipe.encode_prompt([""]))}
+    frozen = {"uncond": np.asarray(pipe.encode_prompt([""]))}
+    if not cached:  # from a cache the step runs neither the VAE nor the text encoder
+        frozen.update(vae=pipe.vae_params, text=pipe.text_params)
     if teacher is not None:
         frozen["teacher"] = pipe.unet_params
     frozen_sh = sharding.tree_shardings(frozen, mesh)

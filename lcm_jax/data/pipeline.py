@@ -4,7 +4,9 @@ batch -> decode and augment in worker threads (or processes) -> skip and count b
 ``make_pipeline(config.data, tokenize_fn, batch_size, seed, process_index, process_count)``
 returns a ``Pipeline``: an iterator of this process's batches
 {"pixels": float32 [b, 3, R, R] in [-1, 1], "input_ids": int32 [b, L]} (b = batch_size /
-process_count, the Batcher's format) whose ``state()`` is a JSON-able dict; ``restore`` of
+process_count, the Batcher's format; from a latent cache, data.source = "cache", instead
+{"latent_mean", "latent_logvar": float32 [b, C, h, w], "prompt_embeds": float32 [b, L, D]},
+see lcm_jax.data.cache) whose ``state()`` is a JSON-able dict; ``restore`` of
 it continues with exactly the next example (grain's iterator state + the counts; with several
 processes, every process's, gathered, so one host's checkpoint restores them all). Shuffle
 order and every random draw (crop, flip, caption dropout) are functions of (seed, position
@@ -60,7 +62,7 @@ class Pipeline:
 
     def __init__(self, dataset: grain.IterDataset, batch_size: int, tokenize: Callable[[dict], dict], *,
                  num_examples: int, process_index: int, process_count: int, worker_count: int,
-                 describe: str, allgather: Optional[AllGather] = None):
+                 describe: str, allgather: Optional[AllGather] = None, drop_remainder: bool = True):
         self.num_examples = num_examples  # the examples this process's stream is drawn from (before skips)
         self.describe = describe
         self._allgather = allgather
@@ -70,7 +72,7 @@ class Pipeline:
         self._run = 0  # consecutive skips; 2N - 1 in a row hold a whole epoch: all are bad
         self._max_run = min(2 * num_examples - 1, 1000)
         self._dataset = (dataset.filter(self._count_and_keep).map(_drop_status)
-                         .batch(batch_size, drop_remainder=True).map(tokenize))
+                         .batch(batch_size, drop_remainder=drop_remainder).map(tokenize))
         self._it: Any = iter(self._dataset)
 
     def _count_and_keep(self, ex: dict) -> bool:
@@ -163,16 +165,26 @@ class Pipeline:
 
 
 def _drop_status(ex: dict) -> dict:
-    return {"pixels": ex["pixels"], "caption": ex["caption"]}
+    return {k: v for k, v in ex.items() if k not in ("status", "notes")}
 
 
-def _tokenize_batch(batch: dict, tokenize_fn: TokenizeFn) -> dict:
+def _tokenize_batch(batch: dict, tokenize_fn: TokenizeFn, keep_captions: bool = False) -> dict:
     captions = [str(c) for c in batch["caption"]]
     ids = np.asarray(tokenize_fn(captions))
     if ids.ndim != 2 or ids.shape[0] != len(captions) or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"tokenize_fn must map {len(captions)} captions to integer ids [B, L], "
                          f"got {ids.dtype} {ids.shape}")
-    return {"pixels": batch["pixels"], "input_ids": ids.astype(np.int32)}
+    out = {"pixels": batch["pixels"], "input_ids": ids.astype(np.int32)}
+    return {**out, "caption": captions} if keep_captions else out
+
+
+def _cached_example(record: dict) -> dict:
+    """A cache row is already an example (encoded once, nothing to decode or skip)."""
+    return {**record, "status": "ok", "notes": ()}
+
+
+def _no_tokenize(batch: dict) -> dict:
+    return batch
 
 
 def process_slice(ds: grain.MapDataset, local_batch: int, process_index: int,
@@ -193,13 +205,14 @@ def _pick(j: int, ds: grain.MapDataset, lb: int, big_b: int, p: int) -> Any:
     return ds[(j // lb) * big_b + p * lb + j % lb]  # picklable, for worker processes
 
 
-def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: int = 0,
+def make_pipeline(data_config, tokenize_fn: Optional[TokenizeFn], batch_size: int, seed: int = 0,
                   process_index: int = 0, process_count: int = 1, *,
                   caption_dropout: Optional[float] = None, num_epochs: Optional[int] = None,
-                  allgather: Union[AllGather, None, str] = "auto") -> Pipeline:
+                  allgather: Union[AllGather, None, str] = "auto", shuffle: bool = True,
+                  drop_remainder: bool = True, keep_captions: bool = False) -> Pipeline:
     """The training input pipeline for ``data_config`` (``config.data``); see the module doc.
 
-    data_config keys: source (digits | folder | tar | tfds), path, resolution, center_crop,
+    data_config keys: source (digits | folder | tar | tfds | cache), path, resolution, center_crop,
     random_flip, caption_dropout, and optionally split, tfds_name, image_key, caption_key,
     missing_caption (empty | skip), num_threads (decode threads per process, default 16),
     worker_count (decode processes, default 0: threads only), prefetch (examples buffered,
@@ -207,6 +220,9 @@ def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: i
     ``caption_dropout``: overrides data_config.caption_dropout (pass 0.0 when the train step
     drops captions itself). ``num_epochs``: None repeats forever. ``allgather``: how ``state()``
     collects every process's position ("auto": over JAX processes when there are several).
+    ``shuffle=False``, ``drop_remainder=False``, ``keep_captions=True`` (captions: list[str] in
+    each batch) read a source once in its own order, as the cache writer does. ``tokenize_fn``
+    is unused (may be None) for a cache, whose batches hold prompt embeddings.
     Raises ValueError (unknown source, wrong path, no examples, bad values) before reading data.
     """
     c = as_dict(data_config)
@@ -228,6 +244,12 @@ def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: i
     if num_threads < 0 or worker_count < 0:
         raise ValueError(f"data.num_threads ({num_threads}) and data.worker_count ({worker_count}) must be >= 0")
     local_batch = batch_size // process_count
+    cached = c.get("source") == "cache"
+    if cached and p_drop > 0:
+        raise ValueError(f"data.caption_dropout={p_drop} with data.source='cache': the cache holds prompt "
+                         "embeddings, so the train step drops captions (pass caption_dropout=0.0)")
+    if tokenize_fn is None and not cached:
+        raise ValueError(f"data.source {c.get('source')!r} yields captions: pass a tokenize_fn")
 
     fn = functools.partial(decode.preprocess, resolution=resolution, center_crop=bool(c.get("center_crop", True)),
                            random_flip=bool(c.get("random_flip", False)), caption_dropout=p_drop,
@@ -235,11 +257,14 @@ def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: i
     source, sharded = make_source(c, process_index, process_count)
     ds = grain.MapDataset.source(source)
     num_examples = len(ds)
-    if sharded:  # tar shards split whole between processes: each shuffles and draws its own
-        ds = ds.shuffle(seed=_derive_seed(seed, process_index, 0)).repeat(num_epochs)
-        ds = ds.random_map(fn, seed=_derive_seed(seed, process_index, 1))
-    else:  # one global stream, the same for any process count; each process reads its slice
-        ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(num_epochs).random_map(fn, seed=_derive_seed(seed, 1))
+    # tar shards split whole between processes: each shuffles and draws its own; otherwise one
+    # global stream, the same for any process count, of which each process reads its slice
+    parts = (seed, process_index) if sharded else (seed,)
+    if shuffle:
+        ds = ds.shuffle(seed=_derive_seed(*parts, 0))
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(_cached_example) if cached else ds.random_map(fn, seed=_derive_seed(*parts, 1))
+    if not sharded:
         ds = process_slice(ds, local_batch, process_index, process_count)
         if len(ds) == 0:
             raise ValueError(f"data.source {c.get('source')!r} has {num_examples} examples: none for "
@@ -255,10 +280,12 @@ def make_pipeline(data_config, tokenize_fn: TokenizeFn, batch_size: int, seed: i
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     describe = f"{c.get('source')} {c.get('path') or c.get('tfds_name') or ''}".strip()
-    pipe = Pipeline(it_ds, local_batch, functools.partial(_tokenize_batch, tokenize_fn=tokenize_fn),
-                    num_examples=num_examples, process_index=process_index, process_count=process_count,
-                    worker_count=worker_count, describe=describe,
-                    allgather=_default_allgather(process_count) if allgather == "auto" else allgather)
+    tokenize = _no_tokenize if cached else functools.partial(_tokenize_batch, tokenize_fn=tokenize_fn,
+                                                             keep_captions=keep_captions)
+    pipe = Pipeline(it_ds, local_batch, tokenize, num_examples=num_examples, process_index=process_index,
+                    process_count=process_count, worker_count=worker_count, describe=describe,
+                    allgather=_default_allgather(process_count) if allgather == "auto" else allgather,
+                    drop_remainder=drop_remainder)
     logging.info("data: %s, %d examples on process %d of %d, batch %d per process",
                  describe, num_examples, process_index, process_count, local_batch)
     return pipe

@@ -1,6 +1,7 @@
 """Image-caption sources: scikit-learn's digits and a folder of images, held in memory
 (``load_source``, for the in-memory Batcher), and the random-access sources the grain
-pipeline reads lazily (``make_source``: folder, tar shards, tfds, digits).
+pipeline reads lazily (``make_source``: folder, tar shards, tfds, digits, and the latent
+cache of lcm_jax.data.cache).
 
 In-memory loaders return (images uint8 [N, R, R, 3], captions list[str]). Random-access
 sources implement grain's RandomAccessDataSource protocol (``__len__``, ``__getitem__``) and
@@ -133,7 +134,7 @@ def vocabulary(captions: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- random-access sources
-SOURCES = ("digits", "folder", "tar", "tfds")
+SOURCES = ("digits", "folder", "tar", "tfds", "cache")
 
 
 class ArraySource:
@@ -294,6 +295,9 @@ def make_source(data_config, process_index: int = 0, process_count: int = 1) -> 
             shards, sharded = shards[process_index::process_count], True
         src = TarSource(shards, caption_key=get("caption_key", "") or "caption",
                         num_threads=int(get("num_threads", 16) or 16))
+    elif name == "cache":  # latents + prompt embeddings written by lcm_jax.data.cache
+        from lcm_jax.data.cache import CacheSource
+        src = CacheSource(get("path", ""), resolution=int(cfg["resolution"]))
     else:
         src = TfdsSource(get("tfds_name", ""), get("split", "train") or "train", get("path", ""),
                          get("image_key", "") or "image", get("caption_key", "") or "caption")
