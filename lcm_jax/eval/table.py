@@ -89,8 +89,10 @@ def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, ou
             os.path.join(grids, f"{name.replace(' ', '_')}_{s}steps.png"))
     for ref_w in tqdm.tqdm(cfg.reference_guidances, desc="teacher reference"):
         name = f"DDIM-{cfg.reference_steps} w={ref_w:g}"
+        seeds_here = seeds if float(ref_w) == w else seeds[:1]  # the spread matters where the table is
         results["reference"][name] = score_sampler(teacher, scorer, "ddim", int(cfg.reference_steps), float(ref_w),
-                                                   per_class, seeds, os.path.join(grids, f"DDIM-{cfg.reference_steps}_w{ref_w:g}.png"))
+                                                   per_class, seeds_here,
+                                                   os.path.join(grids, f"DDIM-{cfg.reference_steps}_w{ref_w:g}.png"))
     results["floor"] = floor_rows(teacher, scorer, resolution, per_class)
     return results
 
