@@ -19,7 +19,7 @@ def test_ablation_runs_cover_solvers_and_k_once():
     assert runs["solver=dpm++ k=20"].lcd.solver == "dpm++"
     assert all(r.num_steps == c.ablation.num_steps and r.pretrained == "/teacher" and r.eval_every == 0
                for r in runs.values())
-    assert c.pretrained == "" and c.num_steps == 1000  # the user's config is not touched
+    assert c.pretrained == "" and c.num_steps == get_config().num_steps != c.ablation.num_steps  # untouched
 
 
 def test_markdown_layout():
@@ -27,8 +27,10 @@ def test_markdown_layout():
     results = {"guidance_scale": 9.0, "per_class": 4, "seeds": [0, 1],
                "table": {"DDIM": {"1": cell, "2": cell}, "LCM": {"1": cell, "2": cell}},
                "reference": {"DDIM-50 w=9": cell}, "floor": {"real": {"fd": [0.5], "acc": [1.0]}},
-               "ablation": {"solver=ddim k=20": {"1": {"fd": [2.0], "acc": [0.9]}}}, "ablation_steps_trained": 10}
+               "ablation": {"solver=ddim k=20": {"1": {"fd": [2.0], "acc": [0.9]}}}, "ablation_steps_trained": 10,
+               "trajectory": {"LCM": {"1": 0.01, "2": 0.02}, "DDIM": {"1": 0.3, "2": 0.0}}}
     md = table.markdown(results)
+    assert "| LCM | 0.0100 | 0.0200 |" in md and "| DDIM | 0.3000 | 0.0000 |" in md
     assert "| method | FD 1-step | FD 2-step | acc 1-step | acc 2-step |" in md
     assert "| LCM | 2.00 ± 1.00 | 2.00 ± 1.00 | 0.600 ± 0.100 | 0.600 ± 0.100 |" in md
     assert "| real | 0.50 | 1.000 |" in md and "| solver=ddim k=20 | 2.00 | 0.900 |" in md
@@ -49,6 +51,8 @@ def test_smoke_run_every_stage(tmp_path):
     assert set(results["ablation"]) == {"solver=dpm++ k=20"}
     assert set(results["reference"]) == {"DDIM-2 w=9"}
     assert len(results["floor"]) == 2
+    # same seed, same noise: the teacher's DDIM-2 is its own reference here, so exactly 0
+    assert results["trajectory"]["DDIM"]["2"] == 0.0 and results["trajectory"]["LCM"]["1"] > 0.0
     for name in ("teacher", "final", "results.md", "fd_vs_steps.png", "grids/LCM_1steps.png",
                  "grids/DDIM_2steps.png", "scorer.safetensors", "ablations/solverdpm++_k20/final"):
         assert os.path.exists(os.path.join(workdir, name)), name

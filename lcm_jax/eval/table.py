@@ -67,6 +67,19 @@ def floor_rows(pipe: LCMPipeline, scorer, resolution: int, per_class: int, seed:
     return rows
 
 
+def trajectory_rows(teacher: LCMPipeline, lcm: LCMPipeline, w: float, steps, per_class: int,
+                    reference_steps: int, seed: int = 0) -> dict:
+    """Mean squared distance, in [0, 1] pixels, from the teacher's DDIM-``reference_steps``
+    sample to the LCM's and to the teacher's few-step DDIM sample from the same initial noise
+    (the same seed): how well each follows the teacher's PF-ODE, not just the data."""
+    prompts, _ = digit_prompts(per_class)
+    def run(pipe, sched, s):
+        return pipe(prompts, int(s), w, sched, seed=seed, num_images_per_prompt=per_class, output_type="np")
+    ref = run(teacher, "ddim", reference_steps)
+    return {name: {str(s): float(np.mean((run(pipe, sched, s) - ref) ** 2)) for s in steps}
+            for name, pipe, sched in (("LCM", lcm, "lcm"), ("DDIM", teacher, "ddim"))}
+
+
 def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, outdir: str,
              resolution: int, ablation_steps=(1, 2, 4)) -> dict:
     """Everything in results.json. ``lcms``: {"LCM": main student, <ablation name>: student, ...}.
@@ -81,6 +94,7 @@ def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, ou
     jobs += [("ablation", name, pipe, "lcm", s) for name, pipe in lcms.items() if name != "LCM"
              for s in ablation_steps]
     results: dict[str, Any] = {"guidance_scale": w, "per_class": per_class, "seeds": seeds,
+                               "reference_steps": int(cfg.reference_steps),
                                "table": {}, "reference": {}, "floor": {}, "ablation": {}}
     for part, name, pipe, sched, s in tqdm.tqdm(jobs, desc="evaluate"):
         seeds_here = seeds if part == "table" else seeds[:1]
@@ -94,6 +108,7 @@ def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, ou
                                                    per_class, seeds_here,
                                                    os.path.join(grids, f"DDIM-{cfg.reference_steps}_w{ref_w:g}.png"))
     results["floor"] = floor_rows(teacher, scorer, resolution, per_class)
+    results["trajectory"] = trajectory_rows(teacher, lcms["LCM"], w, cfg.steps, per_class, int(cfg.reference_steps))
     return results
 
 
@@ -120,6 +135,13 @@ def markdown(results: dict) -> str:
               "|---|---|---|"]
     for name, row in {**results["floor"], **results["reference"]}.items():
         lines.append(f"| {name} | {_cell(row['fd'], 2)} | {_cell(row['acc'], 3)} |")
+    if results.get("trajectory"):
+        t_steps = sorted({int(s) for row in results["trajectory"].values() for s in row})
+        lines += ["", f"### Distance to the teacher's DDIM-{results.get('reference_steps', 50)} sample from the same "
+                  "noise (MSE in [0, 1] pixels, seed 0; lower = closer to the teacher's ODE solution)", "",
+                  "| sampler | " + " | ".join(f"{s}-step" for s in t_steps) + " |", "|---" * (1 + len(t_steps)) + "|"]
+        for name, row in results["trajectory"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[str(s)]:.4f}" for s in t_steps) + " |")
     if results["ablation"]:
         a_steps = sorted({int(s) for row in results["ablation"].values() for s in row})
         lines += ["", f"### Ablation at a reduced budget ({results.get('ablation_steps_trained', '?')} LCD steps, "
