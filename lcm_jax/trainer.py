@@ -10,11 +10,9 @@ import functools
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax import checkpoint as ckpt_lib
@@ -25,7 +23,7 @@ from lcm_jax.eval.inloop import make_evaluator
 from lcm_jax.images import save_grid
 from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
-from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from lcm_jax.models.unet import UNet2DConditionModel
 from lcm_jax.pipeline import LCMPipeline, check_pipeline_folder, init_cond_proj, resolve_dtype
 
 REMAT = ("none", "block", "full")

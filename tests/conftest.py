@@ -16,3 +16,16 @@ import tempfile  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "lcm_jax_test_jit_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A tiny random teacher in diffusers layout (lcm_jax.tiny), shared by the tests that train."""
+    from lcm_jax.data.sources import DIGIT_WORDS
+    from lcm_jax.tiny import make_tiny_pipeline
+    d = str(tmp_path_factory.mktemp("teacher"))
+    make_tiny_pipeline(d, DIGIT_WORDS, resolution=16, seed=0)
+    return d

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from configs import tiny  # noqa: E402
 from lcm_jax import loop, trainer  # noqa: E402
 from lcm_jax.data import cache as cache_lib  # noqa: E402
 from lcm_jax.data import decode  # noqa: E402
@@ -21,31 +20,14 @@ from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
 from lcm_jax.data.sources import DIGIT_WORDS, load_digits  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from lcm_jax.tiny import make_tiny_pipeline  # noqa: E402
+from test_train import small_config as train_config  # noqa: E402
 
 N = 360  # the digits' heldout split: small, and not a multiple of the encode batch
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("teacher"))
-    make_tiny_pipeline(d, DIGIT_WORDS, resolution=16, seed=0)
-    return d
-
-
 def small_config(teacher, **overrides):
-    c = tiny.get_config()
-    c.pretrained, c.tiny_teacher = teacher, False
-    c.num_steps, c.batch_size, c.log_every, c.checkpoint_every = 2, 8, 1, 0
-    c.sample_steps = ()
-    c.mesh.data = 1
-    c.data.split = "heldout"
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    """test_train's config, 2 steps, no checkpoints, on the digits' small heldout split."""
+    return train_config(teacher, **{"num_steps": 2, "checkpoint_every": 0, "data.split": "heldout", **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The real train loop (configs/tiny.py) on CPU: export, resume, sharding, faults, errors."""
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -13,15 +12,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
 from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
 from lcm_jax import trainer  # noqa: E402
-from lcm_jax.data.sources import DIGIT_WORDS  # noqa: E402
-from lcm_jax.tiny import make_tiny_pipeline  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("teacher"))
-    make_tiny_pipeline(d, DIGIT_WORDS, resolution=16, seed=0)
-    return d
 
 
 def small_config(teacher, **overrides):

@@ -9,7 +9,6 @@ Outputs: results.json, results.md, grids/<row>_<steps>.png, fd_vs_steps.png.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Optional
