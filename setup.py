@@ -29,7 +29,8 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # torch pinned exactly: the CPU wheel pip finds here; anything else pulls CUDA.
-        "test": ["pytest", "diffusers", "transformers", "torch==2.13.0", "tensorflow-datasets>=4.9.10"],
+        "test": ["pytest", "diffusers", "transformers", "torch==2.13.0", "tensorflow-datasets>=4.9.10",
+                 "peft"],  # peft: diffusers' LoRA loading/saving (tests/test_lora.py)
         # tensorflow-datasets: data.source=tfds (reads array_record without TensorFlow;
         # preparing a catalogue data set may need tensorflow-cpu, ~1.3 GB).
         "data": ["tensorflow-datasets>=4.9.10"],
