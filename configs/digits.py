@@ -40,9 +40,9 @@ def get_config(arg: str = ""):
                        beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
                        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
                        timestep_spacing="trailing")
-    t.vae = dict(num_steps=600, batch_size=32, learning_rate=2e-3, warmup_steps=50, kl_weight=1e-4,
+    t.vae = dict(num_steps=700, batch_size=32, learning_rate=2e-3, warmup_steps=50, kl_weight=1e-4,
                  ema_decay=0.99)
-    t.unet = dict(num_steps=1500, batch_size=64, learning_rate=2e-3, warmup_steps=100, ema_decay=0.999,
+    t.unet = dict(num_steps=1400, batch_size=64, learning_rate=2e-3, warmup_steps=100, ema_decay=0.999,
                   caption_dropout=0.1)
 
     # ---------------------------------------------------------------- LCD (stage 2; the paper's Algorithm 1)
@@ -63,7 +63,7 @@ def get_config(arg: str = ""):
     c.eval_every = 250
     c.eval.steps = (1, 2, 4)
     c.eval.guidance_scale = 9.0
-    c.eval.images_per_prompt = 30      # x 10 classes; = table.per_class, so the samplers compile once
+    c.eval.images_per_prompt = 20      # x 10 classes; = table.per_class, so the samplers compile once
 
     # ---------------------------------------------------------------- ablations (stage 3, reduced budget)
     a = c.ablation = ml_collections.ConfigDict()
@@ -74,7 +74,7 @@ def get_config(arg: str = ""):
 
     # ---------------------------------------------------------------- evaluation (stage 4)
     e = c.table = ml_collections.ConfigDict()
-    e.per_class = 30                   # images per class and method (x 10 classes)
+    e.per_class = 20                   # images per class and method (x 10 classes)
     e.seeds = (0, 1, 2)                # sampling seeds: mean and spread
     e.steps = (1, 2, 4, 8)
     e.guidance_scale = 9.0             # omega = 8 (Table 1), for the teacher's CFG and the LCM

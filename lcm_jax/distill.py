@@ -96,14 +96,15 @@ def lr_schedule(config) -> optax.Schedule:
     return optax.constant_schedule(config.learning_rate)
 
 
-def make_optimizer(config, ema_decay: Optional[float] = None) -> optax.GradientTransformation:
-    """clip -> AdamW (``lr_schedule``) -> EMA target (``ema_decay``, default ``config.lcd.ema_decay``);
-    MultiSteps for gradient accumulation."""
+def make_optimizer(config, ema_decay: Optional[float] = None, ema_warmup: bool = False) -> optax.GradientTransformation:
+    """clip -> AdamW (``lr_schedule``) -> EMA target (``ema_decay``, default ``config.lcd.ema_decay``;
+    ``ema_warmup``: diffusers' EMAModel rate, for models trained from scratch); MultiSteps for
+    gradient accumulation."""
     tx = optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
         optax.adamw(lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                     weight_decay=config.weight_decay),
-        ema(config.lcd.ema_decay if ema_decay is None else ema_decay),
+        ema(config.lcd.ema_decay if ema_decay is None else ema_decay, warmup=ema_warmup),
     )
     if config.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)

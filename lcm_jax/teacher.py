@@ -107,7 +107,7 @@ def fit(loss_fn: Callable, params: Any, frozen: Any, batches: Batcher, stage, di
     Returns the EMA params (host numpy), or None when pre-empted (a checkpoint was saved).
     """
     stage = stage_config(stage)
-    tx = distill.make_optimizer(stage, stage.ema_decay)
+    tx = distill.make_optimizer(stage, stage.ema_decay, ema_warmup=True)  # from scratch: diffusers' EMAModel
     state, state_sh = loop.init_sharded(params, tx, stage.seed, mesh)
     frozen_sh = sharding.tree_shardings(frozen, mesh)
     frozen = sharding.put(frozen, frozen_sh)

@@ -8,9 +8,9 @@ import pytest
 from lcm_jax.ema import ema, ema_params
 
 
-def _run(decay, steps=5, accumulate=1):
+def _run(decay, steps=5, accumulate=1, warmup=False):
     params = {"w": jnp.arange(4.0), "b": {"c": jnp.ones((2, 2))}}
-    tx = optax.chain(optax.adam(0.1), ema(decay))
+    tx = optax.chain(optax.adam(0.1), ema(decay, warmup=warmup))
     if accumulate > 1:
         tx = optax.MultiSteps(tx, accumulate)
     state = tx.init(params)
@@ -43,3 +43,18 @@ def test_decay_zero_tracks_params_and_state_holds_target():
 def test_decay_out_of_range_is_an_error():
     with pytest.raises(ValueError, match="decay"):
         ema(1.5)
+
+
+def test_warmup_matches_diffusers_ema_model():
+    """warmup=True is diffusers' EMAModel (default: no inv_gamma warmup, update_after_step 0)."""
+    torch = pytest.importorskip("torch")
+    from diffusers.training_utils import EMAModel
+    mu, s = 0.99, 7
+    history, state = _run(mu, s, warmup=True)
+    param = torch.nn.Parameter(torch.tensor(np.asarray(history[0]["w"])))
+    model = EMAModel([param], decay=mu)
+    for theta in history[1:]:
+        param.data = torch.tensor(np.asarray(theta["w"]))
+        model.step([param])
+    np.testing.assert_allclose(np.asarray(ema_params(state)["w"]), model.shadow_params[0].numpy(), rtol=1e-6, atol=1e-6)
+    assert int(state[1].count) == s
