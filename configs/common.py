@@ -1,6 +1,8 @@
 """Keys every training config has (DESIGN.md, "Configs"); experiments override values."""
 import ml_collections
 
+from lcm_jax.lora import LCM_LORA_TARGETS
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -52,5 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.lcd.solver = "ddim"           # ddim | dpm | dpm++  (the ODE solver Psi)
     c.lcd.loss = "l2"               # l2 | huber
     c.lcd.huber_c = 0.001           # pseudo-Huber c; <= 0 uses iCT's 0.00054 * sqrt(d)
-    c.lcd.ema_decay = 0.999943      # mu of the target theta^-
+    c.lcd.ema_decay = 0.999943      # mu of the target theta^- (unused with LoRA: no EMA)
+
+    # LCM-LoRA (configs/lcm_lora_sd15.py): rank > 0 trains only a LoRA on the teacher's UNet
+    # (no omega embedding, target = the LoRA student itself); 0 = full LCD / LCF as above.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 0.0              # scale alpha / rank; 0 means alpha = rank (factor 1)
+    c.lora.targets = LCM_LORA_TARGETS  # diffusers module names (PEFT target_modules; a str is a regex)
     return c

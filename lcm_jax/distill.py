@@ -3,6 +3,12 @@
 Pure functions of pytrees. The models are static Flax definitions (``Models``); the frozen
 teacher, VAE, text encoder and empty-prompt embedding are one pytree argument (``frozen``)
 that is never part of the train state; the EMA target theta^- lives in ``opt_state``.
+
+LCM-LoRA (``DistillSpec.lora_alpha`` set): the trained params are a LoRA tree (lcm_jax.lora)
+on the teacher's own UNet, merged into ``frozen["teacher"]`` inside the step (so the base
+weights are held once and only the LoRA is in the state); the student has no omega embedding
+(omega only guides the teacher's target) and the target is the same LoRA student under
+stop-gradient, no EMA, as diffusers' train_lcm_distill_lora_*.py.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lcm_jax import lora
 from lcm_jax.consistency import consistency_fn
 from lcm_jax.ema import ema, ema_params
 from lcm_jax.models.clip import CLIPTextModel
@@ -40,6 +47,7 @@ class DistillSpec:
     loss: str = "l2"
     huber_c: float = 0.001
     caption_dropout: float = 0.0
+    lora_alpha: Optional[float] = None  # None: params are the student; else a LoRA tree (alpha / r)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -51,13 +59,40 @@ class DistillSpec:
             raise ValueError(f"lcd.omega_min {self.omega_min} > lcd.omega_max {self.omega_max}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.lora_alpha is not None and self.mode != "lcd":
+            raise ValueError(f"LoRA training (lora.rank > 0) is LCM-LoRA distillation: it needs mode='lcd', "
+                             f"got mode={self.mode!r}")
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_alpha is not None
 
     @classmethod
     def from_config(cls, config) -> "DistillSpec":
         c = config.lcd
         return cls(mode=config.mode, num_ddim_timesteps=c.num_ddim_timesteps, omega_min=c.omega_min,
                    omega_max=c.omega_max, solver=c.solver, loss=c.loss, huber_c=c.huber_c,
-                   caption_dropout=config.data.caption_dropout)
+                   caption_dropout=config.data.caption_dropout, lora_alpha=lora_alpha(config))
+
+
+def lora_rank(config) -> int:
+    """``config.lora.rank`` (0, or no ``lora`` section: full-parameter training)."""
+    section = config.get("lora")
+    rank = int(section.rank) if section is not None else 0
+    if rank < 0:
+        raise ValueError(f"config.lora.rank must be >= 0 (0: no LoRA), got {rank}")
+    return rank
+
+
+def lora_alpha(config) -> Optional[float]:
+    """The LoRA alpha (``config.lora.alpha``; 0 means alpha = rank, factor 1), None without LoRA."""
+    rank = lora_rank(config)
+    if not rank:
+        return None
+    alpha = float(config.lora.alpha)
+    if alpha < 0:
+        raise ValueError(f"config.lora.alpha must be >= 0 (0: alpha = rank), got {alpha}")
+    return alpha or float(rank)
 
 
 class Models(NamedTuple):
@@ -75,7 +110,7 @@ class TrainState(flax.struct.PyTreeNode):
 
     step: jax.Array
     params: Any
-    opt_state: Any  # holds theta^- (ema.EmaState)
+    opt_state: Any  # holds theta^- (ema.EmaState); LCM-LoRA: none (the target is the online LoRA)
     rng: jax.Array
 
 
@@ -96,15 +131,17 @@ def lr_schedule(config) -> optax.Schedule:
     return optax.constant_schedule(config.learning_rate)
 
 
-def make_optimizer(config, ema_decay: Optional[float] = None, ema_warmup: bool = False) -> optax.GradientTransformation:
+def make_optimizer(config, ema_decay: Optional[float] = None, ema_warmup: bool = False,
+                   with_ema: bool = True) -> optax.GradientTransformation:
     """clip -> AdamW (``lr_schedule``) -> EMA target (``ema_decay``, default ``config.lcd.ema_decay``;
-    ``ema_warmup``: diffusers' EMAModel rate, for models trained from scratch); MultiSteps for
-    gradient accumulation."""
+    ``ema_warmup``: diffusers' EMAModel rate, for models trained from scratch; ``with_ema=False``:
+    none, for LCM-LoRA, whose target is the online student); MultiSteps for gradient accumulation."""
     tx = optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
         optax.adamw(lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                     weight_decay=config.weight_decay),
-        ema(config.lcd.ema_decay if ema_decay is None else ema_decay, warmup=ema_warmup),
+        ema(config.lcd.ema_decay if ema_decay is None else ema_decay, warmup=ema_warmup) if with_ema
+        else optax.identity(),
     )
     if config.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
@@ -185,17 +222,33 @@ def lcd_target_latents(models: Models, teacher_params: Any, z_start: jax.Array, 
     return jax.lax.stop_gradient(z_start + (1.0 + w) * (z_c - z_start) - w * (z_u - z_start))
 
 
+def student_params(params: Any, frozen: Any, spec: DistillSpec) -> Any:
+    """The student UNet's params: ``params`` itself, or (LCM-LoRA) the teacher's with the LoRA
+    tree ``params`` merged in (W + alpha / r * down @ up; differentiable in the LoRA)."""
+    if not spec.lora:
+        return params
+    return lora.merge(frozen["teacher"], params, alpha=spec.lora_alpha)
+
+
 def student_f(models: Models, params: Any, z: jax.Array, t: jax.Array, cond: jax.Array,
               omega: jax.Array) -> jax.Array:
-    """f_theta(z, omega, c, t) = c_skip z + c_out x0_pred from the student UNet. [B, C, h, w]"""
-    w_emb = guidance_embedding(omega, models.student.config.time_cond_proj_dim)
+    """f_theta(z, omega, c, t) = c_skip z + c_out x0_pred from the student UNet. [B, C, h, w]
+
+    A student without ``time_cond_proj_dim`` (LCM-LoRA) is not conditioned on omega."""
+    dim = models.student.config.time_cond_proj_dim
+    w_emb = None if dim is None else guidance_embedding(omega, dim)
     out = models.student.apply({"params": params}, z, t, cond, w_emb)
     return consistency_fn(out.astype(jnp.float32), z, t, models.schedule)
 
 
 def distill_loss(params: Any, target_params: Any, frozen: Any, latents: jax.Array, cond: jax.Array,
                  rng: jax.Array, spec: DistillSpec, models: Models) -> tuple[jax.Array, dict]:
-    """LCD (Algorithm 1) or LCF loss for one batch of latents [B, C, h, w] and prompts [B, L, D]."""
+    """LCD (Algorithm 1) or LCF loss for one batch of latents [B, C, h, w] and prompts [B, L, D].
+
+    ``params``/``target_params``: the trained tree (student or LoRA, see ``student_params``) and
+    theta^-; ``target_params=None`` makes the target the online student under stop-gradient."""
+    online = student_params(params, frozen, spec)
+    target_params = online if target_params is None else student_params(target_params, frozen, spec)
     d = draw(rng, latents, spec, models.schedule)
     uncond = jnp.broadcast_to(frozen["uncond"], cond.shape)
     cond = jnp.where(d.drop[:, None, None], uncond, cond)
@@ -207,7 +260,7 @@ def distill_loss(params: Any, target_params: Any, frozen: Any, latents: jax.Arra
         a_e, s_e = alpha_sigma(models.schedule, d.t_end)
         z_end = expand_like(a_e, latents) * latents + expand_like(s_e, latents) * d.noise
     target = jax.lax.stop_gradient(student_f(models, target_params, z_end, d.t_end, cond, d.omega))
-    pred = student_f(models, params, z_start, d.t_start, cond, d.omega)
+    pred = student_f(models, online, z_start, d.t_start, cond, d.omega)
     loss = consistency_distance(pred, target, spec.loss, spec.huber_c)
     return loss, {"omega_mean": jnp.mean(d.omega), "t_start_mean": jnp.mean(d.t_start.astype(jnp.float32))}
 
@@ -215,10 +268,11 @@ def distill_loss(params: Any, target_params: Any, frozen: Any, latents: jax.Arra
 def train_step(state: TrainState, batch: dict, frozen: Any, *, spec: DistillSpec, models: Models,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One optimizer (micro-)step. ``frozen`` = {teacher, vae, text, uncond}; jit with
-    ``donate_argnums=0``. Returns the new state and scalar metrics (incl. ``finite``)."""
+    ``donate_argnums=0``. Returns the new state and scalar metrics (incl. ``finite``).
+    The target is theta^- from ``opt_state``, or for LCM-LoRA the online student (no EMA)."""
     rng, r_enc, r_loss = jax.random.split(state.rng, 3)
     latents, cond = encode_batch(models, frozen, batch, r_enc)
-    target = ema_params(state.opt_state)
+    target = None if spec.lora else ema_params(state.opt_state)
     (loss, aux), grads = jax.value_and_grad(distill_loss, has_aux=True)(
         state.params, target, frozen, latents, cond, r_loss, spec, models)
     grad_norm = optax.global_norm(grads)

@@ -21,8 +21,12 @@ BATCH_AXES = ("data", "fsdp")
 
 # Specs are right-aligned to a leaf's shape: ("fsdp", "tensor") on a conv kernel
 # [kh, kw, in, out] shards (in, out), on a Dense kernel [in, out] the same two dims.
+# LoRA factors (lcm_jax.lora) split as the kernel they adapt: down [..., in, r] over fsdp on
+# `in`, up [r, out] over tensor on `out`, so down @ up comes out laid out as the kernel.
 DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     (r"kernel$", P("fsdp", "tensor")),
+    (r"(^|/)down$", P("fsdp", None)),
+    (r"(^|/)up$", P(None, "tensor")),
     (r"embedding$", P("tensor", "fsdp")),  # [vocab, dim]
     (r".*", P()),                          # biases, norms, scalars: replicated
 )

@@ -1,7 +1,15 @@
-"""train(config, workdir): LCD / LCF, read top to bottom in sections (big_vision style).
+"""train(config, workdir): LCD / LCF / LCM-LoRA, read top to bottom in sections (big_vision style).
 
 mesh -> teacher & student -> data -> sharded init -> restore -> compiled step -> loop
 (log, checkpoint, sample grids, pre-emption) -> export WORKDIR/final (diffusers layout).
+
+LCM-LoRA (``config.lora.rank > 0``, mode lcd): the student is the teacher's own UNet plus a
+LoRA (``config.lora``); the train state, its sharding and its checkpoints hold only the LoRA
+(base weights: the frozen teacher). WORKDIR/final is the teacher's pipeline, UNet *unfused*
+(the base, as a diffusers user expects beside a LoRA file), plus the LoRA as
+``pytorch_lora_weights.safetensors``: ``StableDiffusionPipeline.from_pretrained(final)
+.load_lora_weights(final)`` (diffusers) or ``LCMPipeline.load_lora_weights`` (ours), then
+LCM sampling (an LCMScheduler / ``scheduler="lcm"``) at guidance 1-2.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import jax
 import numpy as np
 
 from lcm_jax import checkpoint as ckpt_lib
-from lcm_jax import distill, loop, sharding
+from lcm_jax import distill, lora, loop, sharding, weights
 from lcm_jax.data.pipeline import make_pipeline
 from lcm_jax.data.sources import DIGIT_WORDS
 from lcm_jax.eval.inloop import make_evaluator
@@ -51,9 +59,25 @@ def validate_config(config) -> distill.DistillSpec:
                          "(unet/ vae/ text_encoder/ tokenizer/ scheduler/), or tiny_teacher=True for lcd")
     if config.pretrained:
         check_pipeline_folder(config.pretrained)
+        refuse_sdxl(config.pretrained)
+    if spec.lora:
+        targets = config.lora.targets
+        if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
+            raise ValueError(f"config.lora.targets {targets!r}: expected a regex string or a tuple of module "
+                             f"names (diffusers', as PEFT's target_modules; default lora.LCM_LORA_TARGETS)")
     if not 0.0 <= config.lcd.ema_decay <= 1.0:
         raise ValueError(f"config.lcd.ema_decay must be in [0, 1], got {config.lcd.ema_decay}")
     return spec
+
+
+def refuse_sdxl(path: str) -> None:
+    """A clear error for an SDXL pipeline folder, which the trainer cannot distil yet."""
+    unet_cfg = weights.read_config(os.path.join(path, "unet"))
+    if os.path.isdir(os.path.join(path, "text_encoder_2")) or unet_cfg.get("addition_embed_type"):
+        raise ValueError(f"{path!r} is an SDXL pipeline (text_encoder_2/, addition_embed_type="
+                         f"{unet_cfg.get('addition_embed_type')!r}): SDXL is not supported yet (its added "
+                         "text_time conditioning and second text encoder are issue 9, item 4); "
+                         "distil an SD1.x/2.x-style teacher")
 
 
 def _config_dict(config) -> dict:
@@ -100,7 +124,15 @@ def train(config, workdir: str) -> str:
         if pipe.is_lcm:
             raise ValueError(f"{pretrained!r} is already an LCM (its UNet has time_cond_proj_dim); "
                              "LCD needs a plain diffusion teacher (use mode=lcf to fine-tune an LCM)")
-        student, params = build_student(pipe.unet, pipe.unet_params, config)
+        if spec.lora:  # the teacher's UNet, no omega embedding; trained: the LoRA alone
+            student = pipe.unet.clone(remat=config.remat)
+            params = jax.tree.map(np.asarray, lora.init_lora(
+                pipe.unet_params, distill.lora_rank(config), _lora_targets(config),
+                rng=jax.random.PRNGKey(config.seed)))
+            logging.info("LCM-LoRA: rank %d, alpha %g, %d modules, %d params", distill.lora_rank(config),
+                         spec.lora_alpha, len(lora.adapted(params)), lora.num_params(params))
+        else:
+            student, params = build_student(pipe.unet, pipe.unet_params, config)
         teacher = pipe.unet
     else:
         if not pipe.is_lcm:
@@ -123,11 +155,11 @@ def train(config, workdir: str) -> str:
     frozen = {"uncond": np.asarray(pipe.encode_prompt([""]))}
     if not cached:  # from a cache the step runs neither the VAE nor the text encoder
         frozen.update(vae=pipe.vae_params, text=pipe.text_params)
-    if teacher is not None:
+    if teacher is not None:  # LCM-LoRA: also the student's base weights
         frozen["teacher"] = pipe.unet_params
     frozen_sh = sharding.tree_shardings(frozen, mesh)
     frozen = sharding.put(frozen, frozen_sh)
-    tx = distill.make_optimizer(config)
+    tx = distill.make_optimizer(config, with_ema=not spec.lora)  # LCM-LoRA: target = online student
     state, state_sh = loop.init_sharded(params, tx, config.seed, mesh)
     del params
 
@@ -149,14 +181,18 @@ def train(config, workdir: str) -> str:
     # ------------------------------------------------------------------ loop
     writer = loop.MetricWriter(workdir) if is_main else None
     evaluate = make_evaluator(config, pipe, workdir) if config.get("eval_every", 0) else None
+    # the student UNet's params from the exported ones (LCM-LoRA: base + LoRA, merged once, jitted)
+    full = jax.jit(functools.partial(lora.merge, alpha=spec.lora_alpha)) if spec.lora else None
 
     def after_step(step, state):
         if config.sample_every and step % config.sample_every == 0:
             params = _host_params(state, config)  # every process takes part in the gather
             if is_main:
+                params = params if full is None else jax.device_get(full(pipe.unet_params, params))
                 _sample_grids(pipe, student, params, config, os.path.join(workdir, "samples", f"step_{step:07d}"))
         if evaluate is not None and step % config.eval_every == 0:
-            return evaluate(student, _export_params(state, config))
+            params = _export_params(state, config)
+            return evaluate(student, params if full is None else full(frozen["teacher"], params))
         return None
 
     try:
@@ -175,7 +211,13 @@ def train(config, workdir: str) -> str:
     # ------------------------------------------------------------------ export
     final = os.path.join(workdir, "final")
     params = _host_params(state, config)
-    if is_main:
+    if is_main and spec.lora:  # the teacher's folder (base UNet, unfused) + the LoRA file
+        pipe.save_pretrained(final)
+        path = lora.save_lora_weights(final, params, alpha=spec.lora_alpha)
+        logging.info("LCM-LoRA weights: %s", path)
+        merged = jax.device_get(full(pipe.unet_params, params))
+        _sample_grids(pipe, pipe.unet, merged, config, os.path.join(workdir, "samples", "final"))
+    elif is_main:
         out = dataclasses.replace(pipe, unet=student.clone(remat="none"), unet_params=params, _compiled={})
         out.save_pretrained(final)
         _sample_grids(out, out.unet, out.unet_params, config, os.path.join(workdir, "samples", "final"))
@@ -184,9 +226,17 @@ def train(config, workdir: str) -> str:
     return final
 
 
+def _lora_targets(config) -> lora.Targets:
+    targets = config.lora.targets
+    return targets if isinstance(targets, str) else tuple(targets)
+
+
 def _export_params(state: distill.TrainState, config) -> Any:
-    """theta^- (the EMA target; default) or the online student params."""
+    """theta^- (the EMA target; default) or the online student params; LCM-LoRA: the LoRA
+    (online; it is its own target, there is no EMA)."""
     from lcm_jax.ema import ema_params
+    if distill.lora_rank(config):
+        return state.params
     return ema_params(state.opt_state) if config.get("export_params", "ema") == "ema" else state.params
 
 

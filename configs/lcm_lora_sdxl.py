@@ -1,0 +1,19 @@
+"""LCM-LoRA for SDXL (rank 64 at 1024^2). NOT RUNNABLE YET: the SDXL UNet's added text_time
+conditioning and second text encoder are not implemented (issue 9, item 4); train() stops on
+an SDXL folder with an error saying so, before any work.
+
+python train.py --config=configs/lcm_lora_sdxl.py --workdir=runs/lcm_lora_sdxl --config.pretrained=/path/to/sdxl
+
+Settings as configs/lcm_lora_sd15.py, at diffusers' SDXL LoRA example command
+(train_lcm_distill_lora_sdxl_wds.py README: resolution 1024, lora_rank 64, learning_rate 1e-4,
+huber loss, adam_weight_decay 0.0, train_batch_size 12 per GPU).
+"""
+from configs import lcm_lora_sd15
+
+
+def get_config():
+    c = lcm_lora_sd15.get_config()
+    c.pretrained = "stable-diffusion-xl-base-1.0"
+    c.data.resolution = 1024
+    c.sample_prompts = ("a photograph of an astronaut riding a horse",)
+    return c
