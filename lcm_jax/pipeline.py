@@ -1,6 +1,7 @@
 """LCMPipeline: a diffusers-layout folder in, images out, with one jitted function per sampler.
 
-Components (diffusers layout): unet/ vae/ text_encoder/ tokenizer/ scheduler/ (+ model_index.json).
+Components (diffusers layout): unet/ vae/ text_encoder/ tokenizer/ scheduler/ (+ model_index.json);
+an SDXL folder adds text_encoder_2/ tokenizer_2/ (its UNet has "text_time" added conditioning).
 A UNet with ``time_cond_proj_dim`` (an LCM) takes guidance through the embedding of
 omega = guidance_scale - 1 and runs no CFG batch; a plain UNet runs classifier-free guidance.
 """
@@ -23,6 +24,7 @@ from lcm_jax.models.vae import AutoencoderKL, VAEConfig
 from lcm_jax.schedules import NoiseSchedule, lcm_timesteps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 SCHEDULERS = ("lcm", "ddim", "dpm", "dpm++")
 OUTPUT_TYPES = ("uint8", "np", "latent")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -46,6 +48,12 @@ def check_pipeline_folder(path: str) -> None:
     if missing:
         raise FileNotFoundError(f"{path!r} is not a complete pipeline folder: missing "
                                 f"{', '.join(c + '/' for c in missing)} (expected {', '.join(c + '/' for c in COMPONENTS)})")
+    present = [c for c in SDXL_COMPONENTS if os.path.isdir(os.path.join(path, c))]
+    if present and len(present) < len(SDXL_COMPONENTS):
+        absent = [c for c in SDXL_COMPONENTS if c not in present]
+        raise FileNotFoundError(f"{path!r} has {', '.join(c + '/' for c in present)} but is missing "
+                                f"{', '.join(c + '/' for c in absent)}: an SDXL pipeline folder needs both "
+                                f"{' and '.join(c + '/' for c in SDXL_COMPONENTS)}")
 
 
 def _init_shapes(module, *args, method=None):
@@ -71,6 +79,22 @@ def text_shapes(te: CLIPTextModel) -> Any:
     return _init_shapes(te, jnp.zeros((1, 1), jnp.int32))
 
 
+def _load_text_encoder(folder: str, dtype: Any) -> tuple[CLIPTextModel, Any]:
+    te = CLIPTextModel(CLIPTextConfig.from_transformers_config(weights.read_config(folder)), dtype=dtype)
+    params, _ = weights.load_params(folder, text_shapes(te))
+    return te, params
+
+
+def sdxl_time_ids(height: int, width: int, n: int, original_size: Optional[tuple[int, int]] = None,
+                  crops_coords_top_left: tuple[int, int] = (0, 0),
+                  target_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """SDXL's size/crop micro-conditioning, float32 [n, 6] = (orig_h, orig_w, crop_top, crop_left,
+    target_h, target_w); by default the output size and no crop (diffusers' _get_add_time_ids)."""
+    ids = (tuple(original_size or (height, width)) + tuple(crops_coords_top_left)
+           + tuple(target_size or (height, width)))
+    return np.tile(np.asarray(ids, np.float32), (n, 1))
+
+
 @dataclasses.dataclass
 class LCMPipeline:
     """Params are plain pytrees; the modules are stateless Flax definitions."""
@@ -84,6 +108,12 @@ class LCMPipeline:
     tokenizer: Any
     scheduler_config: dict
     dtype: Any = jnp.float32
+    # SDXL: the second text encoder (CLIPTextModelWithProjection) and its tokenizer; CFG's
+    # unconditional embeddings are zeros when force_zeros_for_empty_prompt (diffusers' default).
+    text_encoder_2: Optional[CLIPTextModel] = None
+    text_params_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = True
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     # LoRA adapters (lcm_jax.lora trees, alpha folded in): name -> tree; the active ones and
     # their strengths (merged inside the jitted sampler unless fused); name -> scale fused
@@ -91,6 +121,24 @@ class LCMPipeline:
     _lora: dict = dataclasses.field(default_factory=dict, repr=False)
     _lora_weights: dict = dataclasses.field(default_factory=dict, repr=False)
     _lora_fused: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        """An SDXL UNet needs the second text encoder, and the added conditioning's width must
+        add up (the check diffusers' _get_add_time_ids makes at every call)."""
+        cfg = self.unet.config
+        if (cfg.addition_embed_type == "text_time") != self.is_sdxl:
+            raise ValueError(f"the UNet has addition_embed_type={cfg.addition_embed_type!r} but text_encoder_2 is "
+                             f"{'given' if self.is_sdxl else 'missing'}: SDXL needs both, SD1/SD2 neither")
+        if not self.is_sdxl:
+            return
+        te2 = self.text_encoder_2.config
+        if not te2.with_projection or self.tokenizer_2 is None:
+            raise ValueError("SDXL needs text_encoder_2 to be a CLIPTextModelWithProjection and a tokenizer_2")
+        width = 6 * cfg.addition_time_embed_dim + te2.projection_dim
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(f"6 time ids x addition_time_embed_dim {cfg.addition_time_embed_dim} + text_encoder_2 "
+                             f"projection_dim {te2.projection_dim} = {width}, but the UNet's "
+                             f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
 
     # ------------------------------------------------------------------ loading / saving
 
@@ -115,22 +163,32 @@ class LCMPipeline:
         vae = AutoencoderKL(VAEConfig.from_diffusers_config(weights.read_config(os.path.join(path, "vae"))),
                             dtype=dtype)
         vae_params, _ = weights.load_params(os.path.join(path, "vae"), vae_shapes(vae))
-        te_cfg = CLIPTextConfig.from_transformers_config(
-            weights.read_config(os.path.join(path, "text_encoder")))
-        text_encoder = CLIPTextModel(te_cfg, dtype=dtype)
-        text_params, _ = weights.load_params(os.path.join(path, "text_encoder"), text_shapes(text_encoder))
+        text_encoder, text_params = _load_text_encoder(os.path.join(path, "text_encoder"), dtype)
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+        sdxl = {}
+        if os.path.isdir(os.path.join(path, "text_encoder_2")):
+            te2, params2 = _load_text_encoder(os.path.join(path, "text_encoder_2"), dtype)
+            index = os.path.join(path, "model_index.json")
+            index = weights.read_config(path, "model_index.json") if os.path.isfile(index) else {}
+            sdxl = dict(text_encoder_2=te2, text_params_2=params2,
+                        tokenizer_2=load_tokenizer(os.path.join(path, "tokenizer_2")),
+                        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
         sched = weights.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         NoiseSchedule.from_scheduler_config(sched)  # validate now, not at the first call
-        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype)
+        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype, **sdxl)
 
     @property
     def is_lcm(self) -> bool:
         return self.unet.config.time_cond_proj_dim is not None
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
     def save_pretrained(self, out_dir: str, unet_params: Any = None) -> None:
         """Write a folder diffusers' own pipelines load (LatentConsistencyModelPipeline for an
-        LCM UNet, StableDiffusionPipeline otherwise)."""
+        LCM UNet, StableDiffusionPipeline otherwise; StableDiffusionXLPipeline for SDXL, with an
+        LCMScheduler for an LCM UNet, as diffusers runs LCM-SDXL)."""
         os.makedirs(out_dir, exist_ok=True)
         weights.save_params(os.path.join(out_dir, "unet"), self.unet_params if unet_params is None else unet_params,
                             self.unet.config.to_diffusers_config(), "diffusion_pytorch_model")
@@ -139,6 +197,10 @@ class LCMPipeline:
         weights.save_params(os.path.join(out_dir, "text_encoder"), self.text_params,
                             self.text_encoder.config.to_transformers_config(), "model")
         self.tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+        if self.is_sdxl:
+            weights.save_params(os.path.join(out_dir, "text_encoder_2"), self.text_params_2,
+                                self.text_encoder_2.config.to_transformers_config(), "model")
+            self.tokenizer_2.save_pretrained(os.path.join(out_dir, "tokenizer_2"))
         sched = dict(self.scheduler_config)
         sched_class = "LCMScheduler" if self.is_lcm else sched.get("_class_name", "DDIMScheduler")
         sched.update(_class_name=sched_class, _diffusers_version=DIFFUSERS_VERSION)
@@ -156,6 +218,12 @@ class LCMPipeline:
             "scheduler": ["diffusers", sched_class], "safety_checker": [None, None],
             "feature_extractor": [None, None], "requires_safety_checker": False,
         }
+        if self.is_sdxl:
+            del index["safety_checker"], index["requires_safety_checker"]
+            index.update(_class_name="StableDiffusionXLPipeline", image_encoder=[None, None],
+                         text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                         tokenizer_2=["transformers", "CLIPTokenizer"],
+                         force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
         with open(os.path.join(out_dir, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
 
@@ -242,14 +310,36 @@ class LCMPipeline:
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_scheduler_config(self.scheduler_config)
 
-    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
-        """Text-encoder last hidden states [B, L, D] for the prompts (float32)."""
-        ids = tokenize(self.tokenizer, prompts)
+    def encode_prompt(self, prompts: Sequence[str], return_pooled: bool = False
+                      ) -> Union[jax.Array, tuple[jax.Array, Optional[jax.Array]]]:
+        """The UNet's text conditioning [B, L, D] for the prompts (float32): the text encoder's last
+        hidden states; SDXL: both encoders' penultimate hidden states concatenated (D = D1 + D2),
+        as diffusers' StableDiffusionXLPipeline.encode_prompt. With ``return_pooled``:
+        (embeddings, pooled [B, P]) with text_encoder_2's projected pooled output (None for SD1/SD2)."""
+        encoders = [(self.text_encoder, self.text_params, self.tokenizer)]
+        if self.is_sdxl:
+            encoders.append((self.text_encoder_2, self.text_params_2, self.tokenizer_2))
+        ids = tuple(jnp.asarray(tokenize(tok, prompts)) for _, _, tok in encoders)
         if "text" not in self._compiled:
-            te = self.text_encoder
-            self._compiled["text"] = jax.jit(
-                lambda p, ids: te.apply({"params": p}, ids).last_hidden_state)
-        return self._compiled["text"](self.text_params, jnp.asarray(ids))
+            modules, sdxl = tuple(te for te, _, _ in encoders), self.is_sdxl
+
+            def encode(params, ids):
+                if not sdxl:
+                    return modules[0].apply({"params": params[0]}, ids[0]).last_hidden_state, None
+                outs = [m.apply({"params": p}, i, output_hidden_states=True) for m, p, i in zip(modules, params, ids)]
+                return jnp.concatenate([o.hidden_states[-2] for o in outs], axis=-1), outs[-1].text_embeds
+            self._compiled["text"] = jax.jit(encode)
+        embeds, pooled = self._compiled["text"](tuple(p for _, p, _ in encoders), ids)
+        return (embeds, pooled) if return_pooled else embeds
+
+    def _unconditional(self, cond: jax.Array, pooled: Optional[jax.Array]):
+        """CFG's negative (embeddings, pooled), broadcast to ``cond``'s batch: the empty prompt's,
+        or zeros for SDXL with force_zeros_for_empty_prompt (what diffusers does by default)."""
+        if self.is_sdxl and self.force_zeros_for_empty_prompt:
+            return jnp.zeros_like(cond), jnp.zeros_like(pooled)
+        uncond, uncond_pooled = self.encode_prompt([""], return_pooled=True)
+        return (jnp.broadcast_to(uncond, cond.shape),
+                None if pooled is None else jnp.broadcast_to(uncond_pooled, pooled.shape))
 
     # ------------------------------------------------------------------ sampling
 
@@ -301,17 +391,24 @@ class LCMPipeline:
         rng_latents, rng_steps = jax.random.split(rng)
         z = jnp.asarray(latents) if latents is not None else jax.random.normal(rng_latents, shape)
 
-        cond = jnp.repeat(self.encode_prompt(prompts), num_images_per_prompt, axis=0)  # [N, L, D]
+        cond, pooled = self.encode_prompt(prompts, return_pooled=True)
+        cond = jnp.repeat(cond, num_images_per_prompt, axis=0)  # [N, L, D]
+        pooled = None if pooled is None else jnp.repeat(pooled, num_images_per_prompt, axis=0)  # [N, P]
         use_cfg = not self.is_lcm and guidance_scale > 1.0
-        uncond = jnp.broadcast_to(self.encode_prompt([""]), cond.shape) if use_cfg else None
+        uncond, uncond_pooled = self._unconditional(cond, pooled) if use_cfg else (None, None)
+        added = None  # SDXL: (added_cond_kwargs of cond, of uncond)
+        if self.is_sdxl:
+            time_ids = jnp.asarray(sdxl_time_ids(height, width, n))  # [N, 6]
+            added = ({"text_embeds": pooled, "time_ids": time_ids},
+                     {"text_embeds": uncond_pooled, "time_ids": time_ids} if use_cfg else None)
         fn = self._sampler(scheduler, int(num_inference_steps), use_cfg, output_type == "latent")
         args = dict(unet=self.unet_params, vae=self.vae_params, lora=self._unfused_lora())
         if scheduler == "lcm":
             noises = None if _noises is None else jnp.asarray(_noises, jnp.float32)
             images = fn(args, z, cond, uncond, jnp.float32(guidance_scale), rng_steps, noises,
-                        jnp.asarray(timesteps, jnp.int32))
+                        jnp.asarray(timesteps, jnp.int32), added)
         else:
-            images = fn(args, z, cond, uncond, jnp.float32(guidance_scale))
+            images = fn(args, z, cond, uncond, jnp.float32(guidance_scale), added)
         images = np.asarray(jax.device_get(images))
         if output_type != "uint8":
             return images
@@ -338,17 +435,25 @@ def init_cond_proj(cfg: UNetConfig, zero_init: bool = True, seed: int = 0) -> An
 
 
 def make_model_fn(unet: UNet2DConditionModel, params: Any, cond: jax.Array,
-                  uncond: Optional[jax.Array], guidance_scale: jax.Array):
-    """model_fn(z, t) -> model output for the samplers: LCM omega-embedding or CFG."""
+                  uncond: Optional[jax.Array], guidance_scale: jax.Array,
+                  added_cond: Optional[dict] = None, added_uncond: Optional[dict] = None):
+    """model_fn(z, t) -> model output for the samplers: LCM omega-embedding or CFG.
+
+    ``added_cond`` / ``added_uncond``: the UNet's added_cond_kwargs (SDXL: text_embeds [B, P],
+    time_ids [B, 6]) for cond / uncond; None for SD1/SD2."""
+    if uncond is not None and (added_cond is None) != (added_uncond is None):
+        raise ValueError("CFG needs added conditioning for both cond and uncond, or for neither")
+
     def model_fn(z, t):  # z: [B, C, h, w], t: [B]
         if unet.config.time_cond_proj_dim is not None:
             w = jnp.full((z.shape[0],), guidance_scale - 1.0, jnp.float32)
             w_emb = guidance_embedding(w, unet.config.time_cond_proj_dim)
-            return unet.apply({"params": params}, z, t, cond, w_emb)
+            return unet.apply({"params": params}, z, t, cond, w_emb, added_cond)
         if uncond is None:
-            return unet.apply({"params": params}, z, t, cond)
-        out = unet.apply({"params": params}, jnp.concatenate([z, z]), jnp.concatenate([t, t]),
-                         jnp.concatenate([uncond, cond]))
+            return unet.apply({"params": params}, z, t, cond, None, added_cond)
+        both = lambda u, c: jnp.concatenate([u, c])  # noqa: E731  [2B, ...], uncond first
+        out = unet.apply({"params": params}, both(z, z), both(t, t), both(uncond, cond), None,
+                         jax.tree.map(both, added_uncond, added_cond))
         out_uncond, out_cond = jnp.split(out, 2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
     return model_fn
@@ -358,8 +463,12 @@ def make_sample_fn(unet: UNet2DConditionModel, vae: AutoencoderKL, schedule: Noi
                    scheduler: str, steps: int, use_cfg: bool, decode: bool = True):
     """The pure function the pipeline jits: initial latents -> images [N, H, W, 3] in [0, 1]
     (``decode=False``: the final latents [N, C, h, w]). ``params["lora"]`` (optional):
-    ((lora tree, strength), ...) merged into ``params["unet"]`` first (unfused LoRA)."""
-    scaling = vae.config.scaling_factor
+    ((lora tree, strength), ...) merged into ``params["unet"]`` first (unfused LoRA).
+    ``added`` (SDXL): (added_cond_kwargs for cond, for uncond or None), see make_model_fn."""
+    vcfg = vae.config
+    # diffusers' SDXL pipeline (not SD1's) de-normalises with the VAE's latents_mean/std when given
+    stats = (unet.config.addition_embed_type == "text_time" and vcfg.latents_mean is not None
+             and vcfg.latents_std is not None)
 
     def unet_params(params):
         out = params["unet"]
@@ -367,20 +476,30 @@ def make_sample_fn(unet: UNet2DConditionModel, vae: AutoencoderKL, schedule: Noi
             out = lora.merge(out, tree, strength)
         return out
 
+    def model(params, cond, uncond, guidance_scale, added):
+        added_cond, added_uncond = (None, None) if added is None else added
+        return make_model_fn(unet, unet_params(params), cond, uncond if use_cfg else None, guidance_scale,
+                             added_cond, added_uncond if use_cfg else None)
+
     def finish(params, z0):
         if not decode:
             return z0
-        x = vae.apply({"params": params["vae"]}, z0 / scaling, method=vae.decode)  # [N, 3, H, W]
+        if stats:
+            mean, std = (jnp.asarray(v, jnp.float32).reshape(1, -1, 1, 1) for v in (vcfg.latents_mean, vcfg.latents_std))
+            z0 = z0 * std / vcfg.scaling_factor + mean
+        else:
+            z0 = z0 / vcfg.scaling_factor
+        x = vae.apply({"params": params["vae"]}, z0, method=vae.decode)  # [N, 3, H, W]
         return jnp.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
     if scheduler == "lcm":
-        def sample(params, z, cond, uncond, guidance_scale, rng, noises, timesteps):
-            model_fn = make_model_fn(unet, unet_params(params), cond, uncond if use_cfg else None, guidance_scale)
+        def sample(params, z, cond, uncond, guidance_scale, rng, noises, timesteps, added=None):
+            model_fn = model(params, cond, uncond, guidance_scale, added)
             z0 = sampling.lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises)
             return finish(params, z0)
     else:
-        def sample(params, z, cond, uncond, guidance_scale):
-            model_fn = make_model_fn(unet, unet_params(params), cond, uncond if use_cfg else None, guidance_scale)
-            z0 = sampling.teacher_sample(scheduler, model_fn, z, schedule, steps)
+        def sample(params, z, cond, uncond, guidance_scale, added=None):
+            z0 = sampling.teacher_sample(scheduler, model(params, cond, uncond, guidance_scale, added), z,
+                                         schedule, steps)
             return finish(params, z0)
     return sample

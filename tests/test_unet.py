@@ -201,7 +201,8 @@ def test_num_attention_heads_quirk():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(addition_embed_type="text_time"), "addition_embed_type"),
+    (dict(addition_embed_type="text_time"), "addition_time_embed_dim"),  # SDXL needs its sizes
+    (dict(addition_embed_type="text"), "addition_embed_type"),
     (dict(down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")), "down block type"),
     (dict(up_block_types=("UpBlock2D", "AttnUpBlock2D")), "up block type"),
     (dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"), "mid_block_type"),

@@ -4,7 +4,8 @@ Parameter names are those of diffusers' Flax UNet (conv_in, time_embedding, down
 mid_block, up_blocks_i, conv_norm_out, conv_out), so ``lcm_jax.weights`` maps a diffusers
 PyTorch checkpoint onto them one to one. The architecture comes from a diffusers
 ``unet/config.json`` through ``UNetConfig``; features SD1.x/SD2.x/LCM UNets do not use
-raise a ValueError instead of being silently dropped.
+raise a ValueError instead of being silently dropped. SDXL's added "text_time" conditioning
+(``added_cond_kwargs``: text_embeds, time_ids) is the ``add_embedding`` TimestepEmbedding.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ IntOrTuple = Union[int, tuple]
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+ADDITION_EMBED_TYPES = (None, "text_time")  # SD1/SD2; SDXL
 # Activation checkpointing: "none"; "block": each down/mid/up block is recomputed in the
 # backward pass; "full": also each ResnetBlock2D/Transformer2DModel inside a block (nested).
 REMAT_MODES = ("none", "block", "full")
@@ -110,7 +112,7 @@ class UNetConfig:
     time_cond_proj_dim: Optional[int] = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    # SDXL's added conditioning ("text_time"): reserved, not implemented yet.
+    # SDXL's added conditioning ("text_time"): pooled text embeddings + embedded size/crop ids.
     addition_embed_type: Optional[str] = None
     addition_time_embed_dim: Optional[int] = None
     projection_class_embeddings_input_dim: Optional[int] = None
@@ -132,9 +134,14 @@ class UNetConfig:
             raise ValueError(f"down_block_types {self.down_block_types}, up_block_types "
                              f"{self.up_block_types} and block_out_channels {self.block_out_channels} "
                              "must have the same length")
-        if self.addition_embed_type is not None:
-            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} (SDXL-style added "
-                             "conditioning) is not implemented; only None is supported")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not implemented; "
+                             f"expected one of {ADDITION_EMBED_TYPES}")
+        if self.addition_embed_type == "text_time" and None in (self.addition_time_embed_dim,
+                                                                self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim, got "
+                             f"{self.addition_time_embed_dim} and {self.projection_class_embeddings_input_dim}")
         for k in (self.conv_in_kernel, self.conv_out_kernel):
             if k % 2 != 1:
                 raise ValueError(f"conv_in/out kernel sizes must be odd, got {k}")
@@ -390,7 +397,8 @@ class UNet2DConditionModel(nn.Module):
     """eps/v-prediction UNet: (sample [B,C,H,W], timesteps, text [B,S,D]) -> [B,C_out,H,W] float32.
 
     ``dtype`` is the compute dtype (params stay float32). ``timestep_cond`` [B, time_cond_proj_dim]
-    (LCM's guidance embedding) goes through ``time_embedding.cond_proj``; with
+    (LCM's guidance embedding) goes through ``time_embedding.cond_proj``; ``added_cond_kwargs``
+    {"text_embeds": [B, P], "time_ids": [B, K]} feeds SDXL's ``add_embedding``; with
     ``zero_init_cond_proj`` a fresh cond_proj starts at zero (student == teacher at init).
     ``remat`` (one of REMAT_MODES) trades backward-pass compute for activation memory; it
     changes neither the params nor the outputs.
@@ -486,9 +494,33 @@ class UNet2DConditionModel(nn.Module):
 
     def _added_embedding(self, emb: jax.Array, encoder_hidden_states: jax.Array,
                          added_cond_kwargs: Optional[Mapping[str, jax.Array]]) -> Optional[jax.Array]:
-        """Extra embedding summed into ``emb`` (SDXL's "text_time" goes here); None for SD1/SD2."""
-        if self.config.addition_embed_type is None:
+        """Extra embedding summed into ``emb`` [B, T]: None for SD1/SD2; SDXL's "text_time" is
+        add_embedding(concat(text_embeds [B, P], add_time_proj(time_ids [B, K]) [B, K * d]))
+        (diffusers' get_aug_embed). At init without inputs, add_embedding's params are made from zeros."""
+        cfg = self.config
+        if cfg.addition_embed_type is None:
             if added_cond_kwargs:
                 raise ValueError("added_cond_kwargs given but the UNet has addition_embed_type=None")
             return None
-        raise NotImplementedError(f"addition_embed_type={self.config.addition_embed_type!r}")
+        add_embedding = TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, name="add_embedding")
+        width = cfg.projection_class_embeddings_input_dim
+        if not added_cond_kwargs and self.is_initializing():
+            return add_embedding(jnp.zeros((emb.shape[0], width), jnp.float32))
+        missing = [k for k in ("text_embeds", "time_ids") if k not in (added_cond_kwargs or {})]
+        if missing:
+            raise ValueError(f"addition_embed_type='text_time' needs added_cond_kwargs {missing} "
+                             "(pooled text embeddings [B, P] and time ids [B, 6])")
+        text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"], jnp.float32)
+        time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+        b = emb.shape[0]
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != b or time_ids.ndim != 2 or time_ids.shape[0] != b:
+            raise ValueError(f"added_cond_kwargs must be text_embeds [{b}, P] and time_ids [{b}, K], got "
+                             f"{text_embeds.shape} and {time_ids.shape}")
+        got = text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+        if got != width:
+            raise ValueError(f"text_embeds width {text_embeds.shape[1]} + {time_ids.shape[1]} time ids x "
+                             f"addition_time_embed_dim {cfg.addition_time_embed_dim} = {got}, but "
+                             f"projection_class_embeddings_input_dim is {width}")
+        time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                         cfg.flip_sin_to_cos, cfg.freq_shift).reshape(b, -1)  # [B, K * d]
+        return add_embedding(jnp.concatenate([text_embeds, time_embeds], axis=-1))  # [B, T]
