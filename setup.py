@@ -31,8 +31,10 @@ setup(
         # torch pinned exactly: the CPU wheel pip finds here; anything else pulls CUDA.
         "test": ["pytest", "diffusers", "transformers", "torch==2.13.0", "tensorflow-datasets>=4.9.10",
                  "peft"],  # peft: diffusers' LoRA loading/saving (tests/test_lora.py)
-        # tensorflow-datasets: data.source=tfds (reads array_record without TensorFlow;
-        # preparing a catalogue data set may need tensorflow-cpu, ~1.3 GB).
+        # tensorflow-datasets: data.source=tfds (reads array_record without TensorFlow).
         "data": ["tensorflow-datasets>=4.9.10"],
+        # preparing a catalogue data set (tfds.builder(...).download_and_prepare()) needs
+        # TensorFlow (~1.3 GB), so it has an extra of its own: pip install -e ".[prepare]"
+        "prepare": ["tensorflow-datasets>=4.9.10", "tensorflow-cpu"],
     },
 )

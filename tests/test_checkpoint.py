@@ -28,16 +28,16 @@ def _mesh(**sizes):
 CONFIG = {"mode": "lcd", "learning_rate": 1e-3, "mesh": {"data": 8}, "lcd": {"solver": "ddim"}}
 
 
-def test_cross_mesh_restore(tmp_path):
+@pytest.mark.parametrize("mesh_b", [dict(data=4, fsdp=2), dict(data=2, fsdp=2, tensor=2)])
+def test_cross_mesh_restore(tmp_path, mesh_b):
     a, _ = _state(_mesh(data=8))
     ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2, every=1)
     ck.save(1, a, {"epoch": 0, "offset": 8}, CONFIG, force=True)
     ck.close()
-    mesh_b = _mesh(data=2, fsdp=2, tensor=2)
-    b_template, b_shardings = _state(mesh_b)
+    b_template, b_shardings = _state(_mesh(**mesh_b))
     assert not b_shardings["params"]["conv"]["kernel"].is_fully_replicated
     restored, data, step = ckpt_lib.Checkpointer(str(tmp_path)).restore(
-        ckpt_lib.abstract_like(b_template, b_shardings), {**CONFIG, "mesh": {"data": 2, "fsdp": 2}})
+        ckpt_lib.abstract_like(b_template, b_shardings), {**CONFIG, "mesh": mesh_b})
     assert step == 1 and data == {"epoch": 0, "offset": 8}
     assert restored["params"]["conv"]["kernel"].sharding == b_shardings["params"]["conv"]["kernel"]
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), restored, a)
@@ -83,3 +83,21 @@ def test_config_differences_ignore_resumable_keys():
     diffs = ckpt_lib.config_differences(CONFIG, now)
     assert diffs == ["lcd.solver: checkpoint='ddim', now='dpm'",
                      "learning_rate: checkpoint=0.001, now=0.002"]
+
+
+def test_a_model_of_another_shape_is_a_clear_error(tmp_path):
+    """Same config, other params (config.pretrained is a resumable key: a new path to the same
+    teacher must resume, another teacher must not): the error lists the params that differ."""
+    mesh = _mesh(data=8)
+    a, _ = _state(mesh)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2, every=1)
+    ck.save(1, a, {"epoch": 0, "offset": 1}, CONFIG, force=True)
+    ck.close()
+    b = {"params": {**a["params"], "conv": {"kernel": np.zeros((3, 3, 8, 32), np.float32),
+                                            "bias": np.zeros((32,), np.float32)},
+                    "extra": {"scale": np.ones((4,), np.float32)}}, "step": np.int32(0)}
+    sh = sharding.tree_shardings(b, mesh)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="another shape") as e:
+        ckpt_lib.Checkpointer(str(tmp_path)).restore(ckpt_lib.abstract_like(b, sh), CONFIG)
+    assert "params/conv/kernel: checkpoint=(3, 3, 8, 16), now=(3, 3, 8, 32)" in str(e.value)
+    assert "params/extra/scale: checkpoint=<absent>, now=(4,)" in str(e.value)

@@ -241,7 +241,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
     assert all(x.sharding == s for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
 
     # the same global batches and the same numbers, up to reduction order (gloo's all-reduce, the
-    # fsdp-split contractions; measured: |d loss| <= 6.2e-6). Adam's first steps move each weight
+    # fsdp-split contractions; measured: |d loss| up to 1.5e-5, 1.1e-5 relative, at step 3 on CI,
+    # so losses get rtol 1e-4 — the state count below is what catches a missing part). Adam's first steps move each weight
     # by about +-lr whatever its gradient's size, so a last-bit difference in a near-zero gradient
     # moves a few weights by up to ~lr/10 (measured: 41 of 3.2M state elements beyond 1e-5, the
     # largest 1.2e-4). test_train lowers lr for that; here lr stays 1e-3, so gradients missing
@@ -250,7 +251,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
     procs = data["processes"]
     assert [p["process_index"] for p in procs] == [0, 1] and all(p["process_count"] == 2 for p in procs)
     assert sum(p["counts"]["examples"] for p in procs) == ref_data["counts"]["examples"]
-    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in _rows(reference)], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in _rows(reference)], rtol=1e-4, atol=1e-6)
     excess = [np.abs(np.asarray(x, np.float64) - y) - 1e-5 * np.abs(y)
               for x, y in zip(jax.tree.leaves(state), (np.asarray(y, np.float64) for y in jax.tree.leaves(template)))]
     off, total = sum(int((e > 1e-5).sum()) for e in excess), sum(e.size for e in excess)

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
 from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
 from lcm_jax import trainer  # noqa: E402
+from test_data import bad_folder  # noqa: E402,F401  (a fixture)
 
 
 def small_config(teacher, **overrides):
@@ -109,6 +110,10 @@ def test_sharded_equals_single_device(teacher, tmp_path):
         np.testing.assert_allclose(losses[name][0], losses["one"][0], rtol=1e-5, atol=1e-6)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                      losses[name][1]["params"], losses["one"][1]["params"])
+        # the params barely move at this lr; Adam's moments (sums of the gradients and their
+        # squares, whatever the lr) and the EMA target say the sharded gradients are the same
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7),
+                     losses[name][1]["opt_state"], losses["one"][1]["opt_state"])
 
 
 @pytest.mark.slow
@@ -217,6 +222,33 @@ def _write_folder(folder, n=24):
             f.write(json.dumps({"file_name": name, "text": captions[i]}) + "\n")
     with open(os.path.join(folder, "broken.png"), "wb") as f:
         f.write(b"not a png")
+
+
+def test_training_on_a_folder_of_bad_files_logs_what_it_skipped(teacher, bad_folder, tmp_path):
+    """LCD through a folder seeded with one of each kind of bad file: training runs, and the
+    skip/repair counts in metrics.jsonl are the pipeline's own for the same batches (a whole
+    epoch of which counts exactly what was planted: test_data)."""
+    from functools import partial
+    from lcm_jax.data.pipeline import make_pipeline
+    from lcm_jax.models.clip import tokenize
+    from lcm_jax.pipeline import LCMPipeline
+    cfg = small_config(teacher, num_steps=2, batch_size=10, checkpoint_every=0,
+                       **{"data.source": "folder", "data.path": bad_folder, "data.resolution": 16})
+    trainer.train(cfg, str(tmp_path))
+    rows = metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    tok = partial(tokenize, LCMPipeline.from_pretrained(teacher).tokenizer)
+    p = make_pipeline(cfg.data, tok, cfg.batch_size, cfg.seed, caption_dropout=0.0)
+    try:
+        next(p), next(p)
+        want = p.counts
+    finally:
+        p.close()
+    assert {k[len("data_"):]: v for k, v in rows[-1].items() if k.startswith("data_")} == want
+    # 20 examples of the 10 usable per epoch: all of epoch 1 and part of epoch 2 were read
+    planted = {"skipped_empty": 1, "skipped_corrupt": 2, "converted": 4, "upscaled": 1, "caption_missing": 1,
+               "caption_not_utf8": 1}
+    assert want["examples"] == 20 and all(n <= want[k] <= 2 * n for k, n in planted.items()), want
 
 
 @pytest.mark.slow
