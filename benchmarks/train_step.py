@@ -8,6 +8,7 @@ the VAE encoder and the text encoder are not part of the step on either side.
     python benchmarks/train_step.py                       # everything (SD-size: compile only)
     python benchmarks/train_step.py --parts tiny,ckpt     # just the tiny step and checkpoints
     python benchmarks/train_step.py --parts sd --sd-variants float32:none,bfloat16:block
+    python benchmarks/train_step.py --parts lora          # LCM-LoRA vs full LCD; LoRA sizes at rank 64
 """
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from configs import lcd_512 as lcd_512_config  # noqa: E402
 from configs import tiny as tiny_config  # noqa: E402
 from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
-from lcm_jax import distill, sharding, trainer  # noqa: E402
+from lcm_jax import distill, lora, sharding, trainer  # noqa: E402
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from lcm_jax.models.vae import AutoencoderKL  # noqa: E402
 from lcm_jax.pipeline import resolve_dtype  # noqa: E402
@@ -47,7 +49,17 @@ SD_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2
                block_out_channels=[320, 640, 1280, 1280], norm_num_groups=32, cross_attention_dim=768,
                attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+# diffusers' stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the params)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=[320, 640, 1280], norm_num_groups=32, cross_attention_dim=2048,
+                 attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
 TEXT_LEN = {"tiny": 16, "sd": 77}
+# The LCM-LoRA report (Luo et al. 2023, Table 1) at rank 64.
+LCM_LORA_REPORT_PARAMS = {"SD1.5": 67.5e6, "SDXL": 197e6}
 
 
 # --------------------------------------------------------------------------- set-up
@@ -258,6 +270,21 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.3f}"
 
 
+def _interleave(runs: dict, repeats: int, also=None) -> None:
+    """One warm-up step of each compiled run, then ``repeats`` rounds of one timed step each (and
+    ``also()``), appending to each run's ``times``: side by side, so machine noise hits all alike."""
+    def step(r):
+        r["state"], m = r["c"]["compiled"](r["state"], r["batch"], r["frozen"])
+        jax.block_until_ready((r["state"], m))
+    for r in runs.values():
+        step(r)
+    for _ in range(repeats):
+        for r in runs.values():
+            r["times"].append(_t(lambda r=r: step(r)))
+        if also is not None:
+            also()
+
+
 def part_tiny(repeats: int) -> dict:
     """JAX on 1 device, JAX on 8 devices (same global batch 8) and torch, interleaved."""
     import torch
@@ -271,16 +298,7 @@ def part_tiny(repeats: int) -> dict:
     tl = TorchLCD(s.config, s.batch, s.frozen["uncond"])
     t_first = _t(tl.step)
     torch_times = []
-    for name, r in runs.items():  # warm-up (first execution)
-        r["state"], m = r["c"]["compiled"](r["state"], r["batch"], r["frozen"])
-        jax.block_until_ready((r["state"], m))
-    for _ in range(repeats):
-        for name, r in runs.items():
-            def run(r=r):
-                r["state"], m = r["c"]["compiled"](r["state"], r["batch"], r["frozen"])
-                jax.block_until_ready((r["state"], m))
-            r["times"].append(_t(run))
-        torch_times.append(_t(tl.step))
+    _interleave(runs, repeats, also=lambda: torch_times.append(_t(tl.step)))
     out = {name: dict(compile_s=r["c"]["compile_s"], step_s=statistics.median(r["times"]),
                       flops=r["c"]["flops"], mem=r["c"]["mem"]) for name, r in runs.items()}
     out["torch"] = dict(compile_s=float("nan"), first_s=t_first, step_s=statistics.median(torch_times),
@@ -367,7 +385,11 @@ def part_memory() -> dict:
         t_sh = sharding.tree_shardings(s.frozen["teacher"], mesh)
         teacher = sum(int(np.prod(sh.shard_shape(x.shape))) * x.dtype.itemsize
                       for x, sh in zip(jax.tree.leaves(s.frozen["teacher"]), jax.tree.leaves(t_sh)))
-        out[name] = dict(totals, teacher=teacher, full=full)
+        # XLA's own account: a donated identity over the sharded state, compiled for this mesh
+        # (memory_analysis of an SPMD program is per device)
+        sds = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shs)
+        xla = jax.jit(lambda st: st, in_shardings=(shs,), out_shardings=shs, donate_argnums=0).lower(sds).compile()
+        out[name] = dict(totals, teacher=teacher, full=full, xla=_memory(xla.memory_analysis()).get("argument", 0))
     out["_n_params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.params))
     return out
 
@@ -375,12 +397,14 @@ def part_memory() -> dict:
 def print_memory(res: dict) -> None:
     print(f"\n== SD1.5-shaped student ({res['_n_params'] / 1e6:.1f}M params, float32 master): "
           "train-state bytes per device from the shardings (8 CPU devices) ==")
-    print("| mesh | params GiB | Adam mu+nu GiB | EMA theta^- GiB | total state GiB | (+ frozen teacher GiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| mesh | params GiB | Adam mu+nu GiB | EMA theta^- GiB | total state GiB | XLA memory_analysis "
+          "argument GiB | (+ frozen teacher GiB) |")
+    print("|---|---|---|---|---|---|---|")
     for name in ("data=8", "fsdp=8"):
         r = res[name]
         total = r["params"] + r["adam"] + r["ema"] + r["other"]
-        print(f"| {name} | {_gb(r['params'])} | {_gb(r['adam'])} | {_gb(r['ema'])} | {_gb(total)} | {_gb(r['teacher'])} |")
+        print(f"| {name} | {_gb(r['params'])} | {_gb(r['adam'])} | {_gb(r['ema'])} | {_gb(total)} | {_gb(r['xla'])} | "
+              f"{_gb(r['teacher'])} |")
     full = res["data=8"]["full"]
     print(f"unsharded state: {_gb(sum(full.values()))} GiB")
 
@@ -412,9 +436,75 @@ def print_ckpt(res: dict) -> None:
           "rest in this machine's free RAM | |")
 
 
+def lora_size(unet_config: dict, rank: int = 64) -> tuple[int, int]:
+    """(LoRA params at ``rank`` on diffusers' LCM-LoRA module set, UNet params), from shapes only."""
+    cfg = UNetConfig.from_diffusers_config(unet_config)
+    unet = UNet2DConditionModel(cfg)
+    h = 8  # the params do not depend on the latent size
+    params = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, h, h)), jnp.zeros((1,), jnp.int32),
+                                              jnp.zeros((1, 4, cfg.cross_attention_dim))))["params"]
+    flat = traverse_util.flatten_dict(params)
+    n_lora = 0
+    for path in lora.target_modules(params).values():
+        *lead, n_out = flat[path + ("kernel",)].shape  # down [..., in, r], up [r, out]
+        n_lora += int(np.prod(lead)) * rank + rank * n_out
+    return n_lora, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def lora_setup(s: Setup, rank: int) -> Setup:
+    """The same tiny size as LCM-LoRA: the teacher's UNet + a rank-``rank`` LoRA (only it trained,
+    no EMA, no omega embedding), as trainer.train builds it for ``config.lora.rank > 0``."""
+    config = copy.deepcopy(s.config)
+    config.lora.rank, config.lora.alpha = rank, float(rank)
+    teacher = s.models.teacher
+    params = jax.tree.map(np.asarray, lora.init_lora(s.frozen["teacher"], rank, tuple(config.lora.targets),
+                                                     rng=jax.random.PRNGKey(0)))
+    return Setup(config, s.models._replace(student=teacher), distill.DistillSpec.from_config(config),
+                 distill.make_optimizer(config, with_ema=False), params, s.frozen, s.batch)
+
+
+def part_lora(repeats: int, rank: int = 8) -> dict:
+    """Tiny LCD vs tiny LCM-LoRA (rank ``rank``) steps, interleaved on 1 device; LoRA sizes at rank 64."""
+    full = make_setup("tiny")
+    runs = {"full LCD": full, f"LCM-LoRA r={rank}": lora_setup(full, rank)}
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    out = {}
+    for name, s in runs.items():
+        c = compile_step(s, mesh)
+        state, frozen, batch = start_state(s, c, mesh)
+        n_state = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+        n_trained = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(s.params))
+        out[name] = dict(c=c, state=state, frozen=frozen, batch=batch, times=[], n_state=n_state, n_trained=n_trained)
+    _interleave(out, repeats)
+    res = {name: dict(step_s=statistics.median(r["times"]), compile_s=r["c"]["compile_s"], mem=r["c"]["mem"],
+                      n_state=r["n_state"], n_trained=r["n_trained"]) for name, r in out.items()}
+    res["_sizes"] = {name: lora_size(cfg) for name, cfg in (("SD1.5", SD_UNET), ("SDXL", SDXL_UNET))}
+    res["_batch"] = full.config.batch_size
+    return res
+
+
+def print_lora(res: dict) -> None:
+    print(f"\n== LCM-LoRA vs full LCD, tiny (configs/tiny.py, batch {res['_batch']}, float32, 1 device; "
+          "median of interleaved repeats) ==")
+    print("| run | trained params | state elements (params + Adam + EMA) | compile s | step s (median) | "
+          "XLA memory GiB (arg+out+temp) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in res.items():
+        if name.startswith("_"):
+            continue
+        m = r["mem"]
+        print(f"| {name} | {r['n_trained']:,} | {r['n_state']:,} | {r['compile_s']:.1f} | {r['step_s']:.4f} | "
+              f"{_gb(m['total'])} ({_gb(m['argument'])}+{_gb(m['output'])}+{_gb(m['temp'])}) |")
+    print("\n== LoRA params at rank 64, diffusers' LCM-LoRA module set (lora.LCM_LORA_TARGETS) ==")
+    print("| UNet | UNet params | LoRA params (ours) | LCM-LoRA report |")
+    print("|---|---|---|---|")
+    for name, (n_lora, n_unet) in res["_sizes"].items():
+        print(f"| {name} | {n_unet / 1e6:.1f}M | {n_lora / 1e6:.1f}M | {LCM_LORA_REPORT_PARAMS[name] / 1e6:.1f}M |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="tiny,sd,memory,ckpt", help="comma list of tiny, sd, memory, ckpt")
+    ap.add_argument("--parts", default="tiny,sd,memory,ckpt", help="comma list of tiny, sd, memory, ckpt, lora")
     ap.add_argument("--repeats", type=int, default=15, help="timed tiny steps per side (interleaved)")
     ap.add_argument("--sd-variants", default="float32:none,bfloat16:none,bfloat16:block",
                     help="dtype:remat pairs for the SD-size compile")
@@ -431,6 +521,8 @@ def main(argv=None) -> None:
         print_memory(part_memory())
     if "sd" in parts:
         print_sd(part_sd(args.sd_variants.split(","), run_steps=False))
+    if "lora" in parts:
+        print_lora(part_lora(args.repeats))
     sys.stdout.flush()
 
 
