@@ -1,6 +1,6 @@
-"""LCM-LoRA for SDXL (rank 64 at 1024^2). NOT RUNNABLE YET: the SDXL UNet's added text_time
-conditioning and second text encoder are not implemented (issue 9, item 4); train() stops on
-an SDXL folder with an error saying so, before any work.
+"""LCM-LoRA for SDXL (rank 64 at 1024^2): the step carries SDXL's pooled text embedding and
+size/crop ids (the output size, no crop), its negative conditioning zeros as diffusers' SDXL LCM
+script. Train from images: a latent cache holds no pooled embeddings yet.
 
 python train.py --config=configs/lcm_lora_sdxl.py --workdir=runs/lcm_lora_sdxl --config.pretrained=/path/to/sdxl
 

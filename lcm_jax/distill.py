@@ -103,6 +103,7 @@ class Models(NamedTuple):
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     schedule: NoiseSchedule
+    text_encoder_2: Optional[CLIPTextModel] = None  # SDXL's second encoder (with projection)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -150,11 +151,12 @@ def make_optimizer(config, ema_decay: Optional[float] = None, ema_warmup: bool =
 
 # --------------------------------------------------------------------------- pieces
 
-def encode_batch(models: Models, frozen: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scaled latents [B, C, h, w] and prompt embeddings [B, L, D] for a batch.
+def encode_batch(models: Models, frozen: Any, batch: dict, rng: jax.Array, with_added: bool = False):
+    """Scaled latents [B, C, h, w] and prompt embeddings [B, L, D] for a batch (``with_added``:
+    also the UNet's added conditioning, see ``encode_text``).
 
     Takes cached ``latent_mean``/``latent_logvar`` and ``prompt_embeds`` when present,
-    else runs the frozen VAE on ``pixels`` [B, 3, H, W] and the text encoder on ``input_ids``.
+    else runs the frozen VAE on ``pixels`` [B, 3, H, W] and the text encoder(s) on ``input_ids``.
     Latents are a posterior sample times the VAE's scaling factor, as diffusers trains.
     """
     if "latent_mean" in batch:
@@ -162,11 +164,24 @@ def encode_batch(models: Models, frozen: Any, batch: dict, rng: jax.Array) -> tu
     else:
         mean, logvar = models.vae.apply({"params": frozen["vae"]}, batch["pixels"], method=models.vae.encode)
     latents = sample_latent(mean, logvar, rng) * models.vae.config.scaling_factor
-    if "prompt_embeds" in batch:
-        cond = batch["prompt_embeds"]
-    else:
-        cond = models.text_encoder.apply({"params": frozen["text"]}, batch["input_ids"]).last_hidden_state
-    return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(cond.astype(jnp.float32))
+    cond, added = (batch["prompt_embeds"], None) if "prompt_embeds" in batch else encode_text(models, frozen, batch)
+    latents, cond, added = jax.lax.stop_gradient((latents, cond.astype(jnp.float32), added))
+    return (latents, cond, added) if with_added else (latents, cond)
+
+
+def encode_text(models: Models, frozen: Any, batch: dict) -> tuple[jax.Array, Optional[dict]]:
+    """Prompt embeddings [B, L, D] and the UNet's added conditioning: None for SD1/SD2; SDXL
+    (``models.text_encoder_2``): both encoders' penultimate hidden states concatenated, and
+    {"text_embeds": encoder 2's pooled projection [B, P], "time_ids": ``frozen["time_ids"]``
+    [B, 6]}, as diffusers' SDXL pipeline and LCM script encode (ids: ``input_ids``, ``input_ids_2``)."""
+    if models.text_encoder_2 is None:
+        return models.text_encoder.apply({"params": frozen["text"]}, batch["input_ids"]).last_hidden_state, None
+    o1 = models.text_encoder.apply({"params": frozen["text"]}, batch["input_ids"], output_hidden_states=True)
+    o2 = models.text_encoder_2.apply({"params": frozen["text_2"]}, batch["input_ids_2"], output_hidden_states=True)
+    cond = jnp.concatenate([o1.hidden_states[-2], o2.hidden_states[-2]], axis=-1)
+    b = cond.shape[0]
+    time_ids = jnp.broadcast_to(frozen["time_ids"], (b, frozen["time_ids"].shape[-1]))
+    return cond, {"text_embeds": o2.text_embeds.astype(jnp.float32), "time_ids": time_ids}
 
 
 def consistency_distance(x: jax.Array, y: jax.Array, loss: str, huber_c: float) -> jax.Array:
@@ -203,14 +218,17 @@ def draw(rng: jax.Array, latents: jax.Array, spec: DistillSpec, schedule: NoiseS
 
 
 def lcd_target_latents(models: Models, teacher_params: Any, z_start: jax.Array, d: Draws,
-                       cond: jax.Array, uncond: jax.Array, solver: str) -> jax.Array:
+                       cond: jax.Array, uncond: jax.Array, solver: str, added: Optional[dict] = None,
+                       added_uncond: Optional[dict] = None) -> jax.Array:
     """The guidance-augmented ODE target z_hat_{t_n} = (1 + w) Psi(z, c) - w Psi(z, empty),
     written as z + (1+w)(Psi_c - z) - w(Psi_u - z); both branches in one batched teacher call
-    per solver stage (2B examples). [B, C, h, w], no gradient."""
+    per solver stage (2B examples). ``added``/``added_uncond``: SDXL's added conditioning of
+    each branch (None for SD1/SD2). [B, C, h, w], no gradient."""
     schedule = models.schedule
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), added, added_uncond)
 
     def denoise(z, t):  # z: [2B, C, h, w], t: [2B]
-        out = models.teacher.apply({"params": teacher_params}, z, t, jnp.concatenate([cond, uncond]))
+        out = models.teacher.apply({"params": teacher_params}, z, t, jnp.concatenate([cond, uncond]), None, both)
         alpha, sigma = alpha_sigma(schedule, t)
         return to_x0_eps(out.astype(jnp.float32), z, alpha, sigma, schedule.prediction_type)
 
@@ -231,50 +249,60 @@ def student_params(params: Any, frozen: Any, spec: DistillSpec) -> Any:
 
 
 def student_f(models: Models, params: Any, z: jax.Array, t: jax.Array, cond: jax.Array,
-              omega: jax.Array) -> jax.Array:
+              omega: jax.Array, added: Optional[dict] = None) -> jax.Array:
     """f_theta(z, omega, c, t) = c_skip z + c_out x0_pred from the student UNet. [B, C, h, w]
 
-    A student without ``time_cond_proj_dim`` (LCM-LoRA) is not conditioned on omega."""
+    A student without ``time_cond_proj_dim`` (LCM-LoRA) is not conditioned on omega; ``added``:
+    SDXL's added conditioning (``encode_text``)."""
     dim = models.student.config.time_cond_proj_dim
     w_emb = None if dim is None else guidance_embedding(omega, dim)
-    out = models.student.apply({"params": params}, z, t, cond, w_emb)
+    out = models.student.apply({"params": params}, z, t, cond, w_emb, added)
     return consistency_fn(out.astype(jnp.float32), z, t, models.schedule)
 
 
 def distill_loss(params: Any, target_params: Any, frozen: Any, latents: jax.Array, cond: jax.Array,
-                 rng: jax.Array, spec: DistillSpec, models: Models) -> tuple[jax.Array, dict]:
+                 rng: jax.Array, spec: DistillSpec, models: Models,
+                 added: Optional[dict] = None) -> tuple[jax.Array, dict]:
     """LCD (Algorithm 1) or LCF loss for one batch of latents [B, C, h, w] and prompts [B, L, D].
 
     ``params``/``target_params``: the trained tree (student or LoRA, see ``student_params``) and
-    theta^-; ``target_params=None`` makes the target the online student under stop-gradient."""
+    theta^-; ``target_params=None`` makes the target the online student under stop-gradient.
+    ``added``: SDXL's added conditioning (its unconditional pooled embedding: ``frozen["uncond_pooled"]``)."""
     online = student_params(params, frozen, spec)
     target_params = online if target_params is None else student_params(target_params, frozen, spec)
     d = draw(rng, latents, spec, models.schedule)
     uncond = jnp.broadcast_to(frozen["uncond"], cond.shape)
     cond = jnp.where(d.drop[:, None, None], uncond, cond)
+    added_uncond = None
+    if added is not None:  # the dropped captions' pooled embedding too; time ids stay
+        pooled_u = jnp.broadcast_to(frozen["uncond_pooled"], added["text_embeds"].shape)
+        added_uncond = dict(added, text_embeds=pooled_u)
+        added = dict(added, text_embeds=jnp.where(d.drop[:, None], pooled_u, added["text_embeds"]))
     a_s, s_s = alpha_sigma(models.schedule, d.t_start)
     z_start = expand_like(a_s, latents) * latents + expand_like(s_s, latents) * d.noise
     if spec.mode == "lcd":
-        z_end = lcd_target_latents(models, frozen["teacher"], z_start, d, cond, uncond, spec.solver)
+        z_end = lcd_target_latents(models, frozen["teacher"], z_start, d, cond, uncond, spec.solver, added,
+                                   added_uncond)
     else:  # LCF: the same noise at the earlier timestep, from real data
         a_e, s_e = alpha_sigma(models.schedule, d.t_end)
         z_end = expand_like(a_e, latents) * latents + expand_like(s_e, latents) * d.noise
-    target = jax.lax.stop_gradient(student_f(models, target_params, z_end, d.t_end, cond, d.omega))
-    pred = student_f(models, online, z_start, d.t_start, cond, d.omega)
+    target = jax.lax.stop_gradient(student_f(models, target_params, z_end, d.t_end, cond, d.omega, added))
+    pred = student_f(models, online, z_start, d.t_start, cond, d.omega, added)
     loss = consistency_distance(pred, target, spec.loss, spec.huber_c)
     return loss, {"omega_mean": jnp.mean(d.omega), "t_start_mean": jnp.mean(d.t_start.astype(jnp.float32))}
 
 
 def train_step(state: TrainState, batch: dict, frozen: Any, *, spec: DistillSpec, models: Models,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer (micro-)step. ``frozen`` = {teacher, vae, text, uncond}; jit with
+    """One optimizer (micro-)step. ``frozen`` = {teacher, vae, text, uncond} (SDXL: + text_2,
+    uncond_pooled, time_ids); jit with
     ``donate_argnums=0``. Returns the new state and scalar metrics (incl. ``finite``).
     The target is theta^- from ``opt_state``, or for LCM-LoRA the online student (no EMA)."""
     rng, r_enc, r_loss = jax.random.split(state.rng, 3)
-    latents, cond = encode_batch(models, frozen, batch, r_enc)
+    latents, cond, added = encode_batch(models, frozen, batch, r_enc, with_added=True)
     target = None if spec.lora else ema_params(state.opt_state)
     (loss, aux), grads = jax.value_and_grad(distill_loss, has_aux=True)(
-        state.params, target, frozen, latents, cond, r_loss, spec, models)
+        state.params, target, frozen, latents, cond, r_loss, spec, models, added)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

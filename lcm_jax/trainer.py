@@ -10,6 +10,9 @@ LoRA (``config.lora``); the train state, its sharding and its checkpoints hold o
 ``pytorch_lora_weights.safetensors``: ``StableDiffusionPipeline.from_pretrained(final)
 .load_lora_weights(final)`` (diffusers) or ``LCMPipeline.load_lora_weights`` (ours), then
 LCM sampling (an LCMScheduler / ``scheduler="lcm"``) at guidance 1-2.
+
+SDXL teachers (text_encoder_2/, a "text_time" UNet) train the same way, full or LoRA: the
+step also carries the pooled embedding and the size/crop ids of ``data.resolution``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import jax
 import numpy as np
 
 from lcm_jax import checkpoint as ckpt_lib
-from lcm_jax import distill, lora, loop, sharding, weights
+from lcm_jax import distill, lora, loop, sharding
 from lcm_jax.data.pipeline import make_pipeline
 from lcm_jax.data.sources import DIGIT_WORDS
 from lcm_jax.eval.inloop import make_evaluator
@@ -32,7 +35,7 @@ from lcm_jax.images import save_grid
 from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
 from lcm_jax.models.unet import UNet2DConditionModel
-from lcm_jax.pipeline import LCMPipeline, check_pipeline_folder, init_cond_proj, resolve_dtype
+from lcm_jax.pipeline import LCMPipeline, check_pipeline_folder, init_cond_proj, resolve_dtype, sdxl_time_ids
 
 REMAT = ("none", "block", "full")
 EXPORT = ("ema", "online")
@@ -59,25 +62,24 @@ def validate_config(config) -> distill.DistillSpec:
                          "(unet/ vae/ text_encoder/ tokenizer/ scheduler/), or tiny_teacher=True for lcd")
     if config.pretrained:
         check_pipeline_folder(config.pretrained)
-        refuse_sdxl(config.pretrained)
+        if config.data.source == "cache" and os.path.isdir(os.path.join(config.pretrained, "text_encoder_2")):
+            raise ValueError(f"data.source='cache' with the SDXL pipeline {config.pretrained!r}: a latent cache "
+                             "holds no pooled text embeddings yet; train SDXL from images (folder | tar | tfds)")
     if spec.lora:
         targets = config.lora.targets
         if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
             raise ValueError(f"config.lora.targets {targets!r}: expected a regex string or a tuple of module "
                              f"names (diffusers', as PEFT's target_modules; default lora.LCM_LORA_TARGETS)")
+    clip = config.eval.get("clip_model", "")
+    if clip and not os.path.isdir(clip):
+        raise FileNotFoundError(f"config.eval.clip_model {clip!r} is not a folder: expected a transformers CLIPModel "
+                                "folder (config.json, model.safetensors, tokenizer, preprocessor_config.json)")
+    if clip and config.data.source == "digits":
+        raise ValueError(f"config.eval.clip_model {clip!r} with data.source='digits': digits are scored by the "
+                         "digit classifier (FD, accuracy); the CLIP score is for image-text data")
     if not 0.0 <= config.lcd.ema_decay <= 1.0:
         raise ValueError(f"config.lcd.ema_decay must be in [0, 1], got {config.lcd.ema_decay}")
     return spec
-
-
-def refuse_sdxl(path: str) -> None:
-    """A clear error for an SDXL pipeline folder, which the trainer cannot distil yet."""
-    unet_cfg = weights.read_config(os.path.join(path, "unet"))
-    if os.path.isdir(os.path.join(path, "text_encoder_2")) or unet_cfg.get("addition_embed_type"):
-        raise ValueError(f"{path!r} is an SDXL pipeline (text_encoder_2/, addition_embed_type="
-                         f"{unet_cfg.get('addition_embed_type')!r}): SDXL is not supported yet (its added "
-                         "text_time conditioning and second text encoder are issue 9, item 4); "
-                         "distil an SD1.x/2.x-style teacher")
 
 
 def _config_dict(config) -> dict:
@@ -140,21 +142,26 @@ def train(config, workdir: str) -> str:
                              "(distil it with mode=lcd first)")
         student = pipe.unet.clone(remat=config.remat)
         params, teacher = pipe.unet_params, None
-    models = distill.Models(student, teacher, pipe.vae, pipe.text_encoder, pipe.schedule)
+    models = distill.Models(student, teacher, pipe.vae, pipe.text_encoder, pipe.schedule, pipe.text_encoder_2)
 
     # ------------------------------------------------------------------ data
     cached = config.data.source == "cache"  # latents + prompt embeddings from lcm_jax.data.cache
     if cached:  # refuse a cache made by another VAE / text encoder, before anything compiles
         from lcm_jax.data.cache import check_compatible
         check_compatible(config.data.path, pipe, config.data.resolution, pretrained)
-    batcher = make_pipeline(config.data, functools.partial(tokenize, pipe.tokenizer), config.batch_size,
+    batcher = make_pipeline(config.data, functools.partial(_tokenize, pipe), config.batch_size,
                             config.seed, jax.process_index(), jax.process_count(),
                             caption_dropout=0.0)  # the train step drops captions (DistillSpec)
 
+    # the in-loop evaluator loads (or trains) its scorer and fails on a bad one before any state or compile
+    evaluate = make_evaluator(config, pipe, workdir) if config.get("eval_every", 0) else None
+
     # ------------------------------------------------------------------ sharded init
-    frozen = {"uncond": np.asarray(pipe.encode_prompt([""]))}
+    frozen = _unconditional(pipe, config.data.resolution)
     if not cached:  # from a cache the step runs neither the VAE nor the text encoder
         frozen.update(vae=pipe.vae_params, text=pipe.text_params)
+        if pipe.is_sdxl:
+            frozen.update(text_2=pipe.text_params_2)
     if teacher is not None:  # LCM-LoRA: also the student's base weights
         frozen["teacher"] = pipe.unet_params
     frozen_sh = sharding.tree_shardings(frozen, mesh)
@@ -180,7 +187,6 @@ def train(config, workdir: str) -> str:
 
     # ------------------------------------------------------------------ loop
     writer = loop.MetricWriter(workdir) if is_main else None
-    evaluate = make_evaluator(config, pipe, workdir) if config.get("eval_every", 0) else None
     # the student UNet's params from the exported ones (LCM-LoRA: base + LoRA, merged once, jitted)
     full = jax.jit(functools.partial(lora.merge, alpha=spec.lora_alpha)) if spec.lora else None
 
@@ -224,6 +230,25 @@ def train(config, workdir: str) -> str:
     ckpt.close()
     sharding.sync_processes("exported")  # no process returns before final/ is complete
     return final
+
+
+def _tokenize(pipe: LCMPipeline, captions: list[str]):
+    """Token ids [B, L] for the text encoder; SDXL: {"input_ids", "input_ids_2"} for both."""
+    if not pipe.is_sdxl:
+        return tokenize(pipe.tokenizer, captions)
+    return {"input_ids": tokenize(pipe.tokenizer, captions), "input_ids_2": tokenize(pipe.tokenizer_2, captions)}
+
+
+def _unconditional(pipe: LCMPipeline, resolution: int) -> dict:
+    """The frozen conditioning of dropped captions and CFG's negative branch: the empty prompt's
+    embedding ("uncond" [1, L, D]); SDXL: zeros when force_zeros_for_empty_prompt (as diffusers'
+    SDXL pipeline and its LCM script), its pooled embedding and the size/crop ids of the output."""
+    if not pipe.is_sdxl:
+        return {"uncond": np.asarray(pipe.encode_prompt([""]))}
+    cond, pooled = (np.asarray(x) for x in pipe.encode_prompt([""], return_pooled=True))
+    if pipe.force_zeros_for_empty_prompt:
+        cond, pooled = np.zeros_like(cond), np.zeros_like(pooled)
+    return {"uncond": cond, "uncond_pooled": pooled, "time_ids": sdxl_time_ids(resolution, resolution, 1)}
 
 
 def _lora_targets(config) -> lora.Targets:

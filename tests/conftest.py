@@ -29,3 +29,13 @@ def teacher(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("teacher"))
     make_tiny_pipeline(d, DIGIT_WORDS, resolution=16, seed=0)
     return d
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny torch models run ~50x faster on one thread than on two busy cores (spinning workers)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

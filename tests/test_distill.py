@@ -295,7 +295,8 @@ class LinearTeacher:
         self.calls = []
         self.proj = jnp.asarray(np.random.default_rng(0).standard_normal((D, 4)) * 0.3, jnp.float32)
 
-    def apply(self, variables, z, t, ctx):
+    def apply(self, variables, z, t, ctx, timestep_cond=None, added_cond_kwargs=None):
+        assert timestep_cond is None and added_cond_kwargs is None  # SD1/SD2: no added conditioning
         self.calls.append(z.shape[0])
         k = variables["params"]["scale"] * (0.5 + t.astype(jnp.float32) / 1000.0)
         return k[:, None, None, None] * z + (ctx.mean(axis=1) @ self.proj)[:, :, None, None]
@@ -364,7 +365,8 @@ class RecordingStudent:
     def __init__(self):
         self.seen = []
 
-    def apply(self, variables, z, t, cond, w_emb):
+    def apply(self, variables, z, t, cond, w_emb, added_cond_kwargs=None):
+        assert added_cond_kwargs is None
         self.seen.append((np.asarray(z), np.asarray(t)))
         return variables["params"]["a"] * z
 

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
-from lcm_jax import distill, lora, sharding, trainer, weights  # noqa: E402
+from lcm_jax import distill, lora, sharding, trainer  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from test_train import metrics, read_state, small_config  # noqa: E402
 
@@ -207,20 +207,3 @@ def test_lora_configs_and_errors(teacher, tmp_path):
         trainer.train(lora_config(teacher, **{"lora.rank": -1}), str(tmp_path / "b"))
     with pytest.raises(ValueError, match="match no Dense/Conv module"):
         trainer.train(lora_config(teacher, **{"lora.targets": ("nope",)}), str(tmp_path / "c"))
-    # an SDXL folder (second text encoder, text_time conditioning) is refused, saying why
-    sdxl = str(tmp_path / "sdxl")
-    shutil.copytree(teacher, sdxl)
-    for part in ("text_encoder", "tokenizer"):
-        shutil.copytree(os.path.join(teacher, part), os.path.join(sdxl, f"{part}_2"))
-    cfg = lcm_lora_sdxl.get_config()
-    cfg.pretrained = sdxl
-    with pytest.raises(ValueError, match="SDXL is not supported yet"):
-        trainer.train(cfg, str(tmp_path / "d"))
-    assert not os.path.exists(tmp_path / "d" / "checkpoints")
-    for part in ("text_encoder_2", "tokenizer_2"):
-        shutil.rmtree(os.path.join(sdxl, part))
-    unet_cfg = weights.read_config(os.path.join(sdxl, "unet"))
-    with open(os.path.join(sdxl, "unet", "config.json"), "w") as f:
-        json.dump({**unet_cfg, "addition_embed_type": "text_time"}, f)
-    with pytest.raises(ValueError, match="addition_embed_type='text_time'.*SDXL is not supported yet"):
-        trainer.train(cfg, str(tmp_path / "d"))

@@ -19,13 +19,7 @@ from lcm_jax.weights import flax_to_torch
 PROMPTS = ["a photo of a cat", "a dog"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny torch models run ~50x faster on one thread than on two busy cores (spinning workers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -280,6 +280,9 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
             raise ValueError("config.pretrained is empty: the cache is encoded by that pipeline's VAE and "
                              "text encoder (set --config.pretrained=DIR)")
         pipe = LCMPipeline.from_pretrained(config.pretrained, dtype=config.get("dtype", "float32"))
+    if pipe.is_sdxl:
+        raise ValueError(f"{config.get('pretrained', '') or 'the pipeline'!r} is SDXL: a latent cache does not hold its "
+                         "pooled text embeddings yet; train SDXL from images")
     pretrained = config.get("pretrained", "") or "(in memory)"
     pi, pc = jax.process_index(), jax.process_count()
     batch_size = int(batch_size or config.batch_size)

@@ -28,7 +28,7 @@ import numpy as np
 from lcm_jax.data import decode
 from lcm_jax.data.sources import as_dict, make_source
 
-TokenizeFn = Callable[[Sequence[str]], np.ndarray]  # captions -> int32 [B, L]
+TokenizeFn = Callable[[Sequence[str]], Union[np.ndarray, dict]]  # captions -> int32 [B, L] (or {key: [B, L]})
 AllGather = Callable[[dict], list]  # this process's JSON-able dict -> every process's, in process order
 
 
@@ -169,12 +169,17 @@ def _drop_status(ex: dict) -> dict:
 
 
 def _tokenize_batch(batch: dict, tokenize_fn: TokenizeFn, keep_captions: bool = False) -> dict:
+    """``tokenize_fn(captions)``: ids [B, L] (-> ``input_ids``), or a dict of such arrays by
+    batch key (SDXL's two tokenizers: ``input_ids``, ``input_ids_2``)."""
     captions = [str(c) for c in batch["caption"]]
-    ids = np.asarray(tokenize_fn(captions))
-    if ids.ndim != 2 or ids.shape[0] != len(captions) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"tokenize_fn must map {len(captions)} captions to integer ids [B, L], "
-                         f"got {ids.dtype} {ids.shape}")
-    out = {"pixels": batch["pixels"], "input_ids": ids.astype(np.int32)}
+    ids = tokenize_fn(captions)
+    out = {"pixels": batch["pixels"]}
+    for key, v in (ids.items() if isinstance(ids, dict) else [("input_ids", ids)]):
+        v = np.asarray(v)
+        if v.ndim != 2 or v.shape[0] != len(captions) or not np.issubdtype(v.dtype, np.integer):
+            raise ValueError(f"tokenize_fn must map {len(captions)} captions to integer ids [B, L], "
+                             f"got {key}: {v.dtype} {v.shape}")
+        out[key] = v.astype(np.int32)
     return {**out, "caption": captions} if keep_captions else out
 
 
