@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.prompts = ()             # the fixed prompt set (empty: sample_prompts; digits: the ten captions)
     c.eval.images_per_prompt = 4
     c.eval.scorer = ""              # digits: classifier file (empty: WORKDIR/scorer.safetensors, trained once)
+    c.eval.clip_model = ""          # SD data: a transformers CLIP folder -> clip_score_{s} ("" = off)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

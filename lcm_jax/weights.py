@@ -7,7 +7,8 @@ maps to exactly one PyTorch key:
   ``INDEXED`` becomes ``<list>.<i>`` (``down_blocks_0`` -> ``down_blocks.0``);
 * attention projections ``query/key/value/proj_attn`` become ``to_q/to_k/to_v/to_out.0``;
 * leaves: ``kernel`` -> ``weight`` (Dense: transposed; Conv: HWIO -> OIHW), ``scale`` and
-  ``embedding`` -> ``weight``, ``bias`` -> ``bias``.
+  ``embedding`` -> ``weight``, ``bias`` -> ``bias``; a bare ``nn.Parameter`` in ``PARAMETER_LEAVES``
+  keeps its own name (CLIP vision's ``embeddings.class_embedding``).
 
 Loading is strict: every Flax param must be found with the right shape and every tensor
 in the file must be used, else one ``WeightsError`` lists all the problems.
@@ -25,6 +26,8 @@ INDEXED = frozenset({
     "transformer_blocks", "net", "to_out",
 })
 ATTENTION_RENAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# PyTorch nn.Parameter attributes (not submodules): the key ends in the name itself, no ".weight".
+PARAMETER_LEAVES = frozenset({"class_embedding"})
 # Buffers some PyTorch checkpoints carry that are not parameters (recomputed here).
 IGNORED_TORCH_KEYS = (re.compile(r"(^|\.)position_ids$"),)
 
@@ -46,7 +49,7 @@ def torch_key(path: tuple[str, ...]) -> str:
         elif i == len(mods) - 1 and seg in ATTENTION_RENAMES:
             seg = ATTENTION_RENAMES[seg]
         out.append(seg)
-    out.append("bias" if leaf == "bias" else "weight")
+    out.append(leaf if leaf in PARAMETER_LEAVES else "bias" if leaf == "bias" else "weight")
     return ".".join(out)
 
 
@@ -81,14 +84,17 @@ def _legacy_aliases(key: str) -> Iterable[str]:
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Params,
-                  allow_missing: Iterable[tuple[str, ...]] = ()) -> tuple[Params, list[tuple[str, ...]]]:
+                  allow_missing: Iterable[tuple[str, ...]] = (),
+                  ignore: Iterable[str] = ()) -> tuple[Params, list[tuple[str, ...]]]:
     """Map a PyTorch state dict onto the structure of ``target`` (arrays or ShapeDtypeStructs).
 
     Returns (params, missing) where ``missing`` are paths in ``allow_missing`` that the file
-    lacks (the caller initialises them, e.g. a student's new ``cond_proj``). Any other
+    lacks (the caller initialises them, e.g. a student's new ``cond_proj``). ``ignore``: keys
+    the caller knows the file has and does not use (CLIPModel's ``logit_scale``). Any other
     mismatch raises ``WeightsError`` listing every missing, unexpected and mis-shaped key.
     """
     allow_missing = {tuple(p) for p in allow_missing}
+    ignore = set(ignore)
     flat_target = traverse_util.flatten_dict(_unfreeze(target))
     used, out, missing_ok = set(), {}, []
     missing, shape_errors = [], []
@@ -111,8 +117,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Params,
                                 f"{tuple(_to_torch(path[-1], np.empty(ref.shape)).shape)}")
             continue
         out[path] = arr
-    unexpected = sorted(k for k in state_dict
-                        if k not in used and not any(p.search(k) for p in IGNORED_TORCH_KEYS))
+    unexpected = sorted(k for k in state_dict if k not in used and k not in ignore
+                        and not any(p.search(k) for p in IGNORED_TORCH_KEYS))
     if missing or unexpected or shape_errors:
         lines = []
         if missing:
@@ -257,26 +263,31 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def load_params(folder: str, target: Params, *, allow_missing: Iterable[tuple[str, ...]] = (),
-                variant: str | None = None) -> tuple[Params, list[tuple[str, ...]]]:
+                variant: str | None = None, ignore: Iterable[str] = ()) -> tuple[Params, list[tuple[str, ...]]]:
     """Load a component's weights (safetensors, single or sharded, or Flax msgpack) strictly onto
     ``target``'s tree.
 
     ``target`` gives the expected structure and shapes (``jax.eval_shape`` of the init);
-    ``variant`` (e.g. ``"fp16"``) picks ``*.fp16.safetensors`` files (see ``_find_weight_files``).
+    ``variant`` (e.g. ``"fp16"``) picks ``*.fp16.safetensors`` files (see ``_find_weight_files``);
+    ``ignore``: PyTorch keys (msgpack: "."-joined paths) the file has and the caller does not use.
     Returns float32 numpy params and the ``allow_missing`` paths the file lacked.
     """
     kind, files = _find_weight_files(folder, variant)
+    ignore = set(ignore)
     if kind == "torch":
         state = {}
         for f in files:
             state.update(read_safetensors(f))
-        return torch_to_flax(state, target, allow_missing)
+        return torch_to_flax(state, target, allow_missing, ignore)
     from flax import serialization
     with open(files[0], "rb") as f:
         try:
             tree = serialization.msgpack_restore(f.read())
         except Exception as e:
             raise WeightsError(f"cannot read msgpack file {files[0]!r}: {e}") from e
+    if ignore:
+        flat = traverse_util.flatten_dict(_unfreeze(tree))
+        tree = traverse_util.unflatten_dict({p: v for p, v in flat.items() if ".".join(p) not in ignore})
     return check_tree(tree, target, allow_missing, source=files[0])
 
 

@@ -159,10 +159,11 @@ def test_non_finite_loss_stops_naming_the_step(teacher, tmp_path):
     ("dtype", "float16", "dtype 'float16'"),
     ("mode", "cd", "mode 'cd'"),
     ("batch_size", 0, "batch_size must be >= 1"),
+    ("eval.clip_model", "/no/such/clip", "/no/such/clip"),
 ])
 def test_bad_config_fails_before_any_work(teacher, tmp_path, key, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        trainer.train(small_config(teacher, **{key: value}), str(tmp_path))
+        trainer.train(small_config(teacher, eval_every=1, **{key: value}), str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
 
 

@@ -6,11 +6,16 @@ a user sees it. A fixed prompt set is sampled with the LCM sampler at ``config.e
 - digits data: Fréchet distance on a digit classifier's features and that classifier's
   accuracy on the prompted class (``fd_{s}``, ``acc_{s}``; lcm_jax/eval/classifier.py);
 - anything else: mean squared distance in latent space to the teacher's DDIM-50 + CFG
-  samples from the same initial noise (``latent_mse_{s}``), computed once at start (LCD).
+  samples from the same initial noise (``latent_mse_{s}``), computed once at start (LCD, a
+  plain diffusion teacher), and, when ``config.eval.clip_model`` names a transformers CLIP
+  folder, the CLIP score of the decoded images against their prompts (``clip_score_{s}``,
+  torchmetrics' definition; lcm_jax/eval/clip_score.py). The folder is loaded (and a bad one
+  raises) when the evaluator is made, before training starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable, Optional
@@ -68,14 +73,27 @@ def make_evaluator(config, pipe: LCMPipeline, workdir: str) -> Optional[Evaluato
         return evaluate
 
     prompts = list(config.eval.prompts or config.sample_prompts)
-    if pipe.is_lcm:
-        raise ValueError("config.eval_every needs a reference: the digits scorer (data.source=digits) or a "
-                         f"plain diffusion teacher for latent distances, but {config.pretrained!r} is an LCM")
-    reference = pipe(prompts, 50, w, "ddim", seed=config.seed, num_images_per_prompt=n, output_type="latent")
+    clip_folder = config.eval.get("clip_model", "")
+    if pipe.is_lcm and not clip_folder:
+        raise ValueError("config.eval_every needs a reference: the digits scorer (data.source=digits), a CLIP "
+                         "model folder (config.eval.clip_model) or a plain diffusion teacher for latent "
+                         f"distances, but {config.pretrained!r} is an LCM and eval.clip_model is empty")
+    clip = None
+    if clip_folder:
+        from lcm_jax.eval.clip_score import CLIPScorer
+        clip = CLIPScorer.from_pretrained(clip_folder)  # raises now, naming the folder, if it is not one
+    reference = None if pipe.is_lcm else pipe(prompts, 50, w, "ddim", seed=config.seed, num_images_per_prompt=n,
+                                             output_type="latent")
+    image_prompts = [p for p in prompts for _ in range(n)]  # the pipeline repeats each prompt in place
 
     def evaluate(unet, params) -> dict:
-        lcm = student_pipe(unet, params)
-        return {f"latent_mse_{s}": float(np.mean((lcm(prompts, s, w, "lcm", seed=config.seed, num_images_per_prompt=n,
-                                                       output_type="latent") - reference) ** 2))
-                for s in steps}
+        lcm, out = student_pipe(unet, params), {}
+        sample = functools.partial(lcm, prompts, guidance_scale=w, scheduler="lcm", seed=config.seed,
+                                   num_images_per_prompt=n)
+        for s in steps:
+            if reference is not None:
+                out[f"latent_mse_{s}"] = float(np.mean((sample(s, output_type="latent") - reference) ** 2))
+            if clip is not None:
+                out[f"clip_score_{s}"] = clip.score(sample(s), image_prompts)
+        return out
     return evaluate

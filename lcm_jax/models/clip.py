@@ -27,6 +27,15 @@ ACTIVATIONS = {
 WITH_PROJECTION = "CLIPTextModelWithProjection"
 
 
+def check_encoder_config(cfg) -> None:
+    """The checks every CLIP tower's config (text or vision) makes: a known activation, whole heads."""
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"unsupported CLIP hidden_act {cfg.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
+                         f"num_attention_heads {cfg.num_attention_heads}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """The fields of a transformers ``CLIPTextConfig`` config.json that shape the model.
@@ -50,12 +59,7 @@ class CLIPTextConfig:
     with_projection: bool = False
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; "
-                             f"expected one of {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_encoder_config(self)
 
     @classmethod
     def from_transformers_config(cls, cfg: Mapping[str, Any]) -> "CLIPTextConfig":
@@ -91,8 +95,15 @@ def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
 
 
 class CLIPAttention(nn.Module):
+    """Multi-head self-attention; ``causal`` for the text tower, not for the vision tower.
+
+    ``config`` is a CLIPTextConfig or a CLIPVisionConfig (lcm_jax.models.clip_vision): the
+    encoder modules read only the fields the two share.
+    """
+
     config: CLIPTextConfig
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:  # [B, L, D]
@@ -100,7 +111,7 @@ class CLIPAttention(nn.Module):
         n = self.config.num_attention_heads
         proj = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
         q, k, v = (proj(p)(x).reshape(b, l, n, d // n) for p in ("q_proj", "k_proj", "v_proj"))
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)  # [B, L, N, D/N]
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)  # [B, L, N, D/N]
         return proj("out_proj")(y.reshape(b, l, d))
 
 
@@ -118,12 +129,13 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
         eps = self.config.layer_norm_eps
         h = _layer_norm(eps, self.dtype, "layer_norm1")(x)
-        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(h, mask)
+        x = x + CLIPAttention(self.config, self.dtype, self.causal, name="self_attn")(h, mask)
         h = _layer_norm(eps, self.dtype, "layer_norm2")(x)
         return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
 
@@ -133,23 +145,27 @@ class CLIPLayerCollection(nn.Module):
 
     config: CLIPTextConfig
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> tuple[jax.Array, ...]:
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, name=str(i))(x, mask)
+            x = CLIPEncoderLayer(self.config, self.dtype, self.causal, name=str(i))(x, mask)
             states.append(x)
         return tuple(states)
 
 
 class CLIPEncoder(nn.Module):
+    """The layer stack; returns the input and each layer's output, [B, L, D] each."""
+
     config: CLIPTextConfig
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array]) -> tuple[jax.Array, ...]:
-        return CLIPLayerCollection(self.config, self.dtype, name="layers")(x, mask)
+        return CLIPLayerCollection(self.config, self.dtype, self.causal, name="layers")(x, mask)
 
 
 class CLIPTextEmbeddings(nn.Module):
