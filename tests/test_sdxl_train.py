@@ -17,7 +17,7 @@ from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from test_train import small_config  # noqa: E402
 
 PROMPT = "a photo of a cat"
-MESH = {"mesh.data": 2, "mesh.fsdp": 2}
+MESH = {}  # one device: sharding is tested on the SD path (test_train, test_lora_distill)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,7 +51,7 @@ def test_training_encodes_prompts_as_the_pipeline_does(sdxl_teacher):
 
 
 def test_sdxl_lcd_exports_an_lcm_that_diffusers_runs(sdxl_teacher, tmp_path):
-    """3 LCD steps on a data x fsdp = 2 x 2 mesh; final/ is an SDXL LCM (time_cond_proj_dim) that
+    """3 LCD steps; final/ is an SDXL LCM (time_cond_proj_dim) that
     StableDiffusionXLPipeline with an LCMScheduler runs to the same 1-step image as ours."""
     from diffusers import StableDiffusionXLPipeline
     final = trainer.train(small_config(sdxl_teacher, **MESH), str(tmp_path))
