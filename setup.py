@@ -29,8 +29,10 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         # torch pinned exactly: the CPU wheel pip finds here; anything else pulls CUDA.
-        "test": ["pytest", "diffusers", "transformers", "torch==2.13.0", "tensorflow-datasets>=4.9.10",
+        "test": ["pytest", "pytest-xdist", "diffusers", "transformers", "torch==2.13.0",
+                 "tensorflow-datasets>=4.9.10",
                  "peft"],  # peft: diffusers' LoRA loading/saving (tests/test_lora.py)
+        # pytest-xdist: two workers, one test file each (XLA compiles on one core; tests compile a lot)
         # tensorflow-datasets: data.source=tfds (reads array_record without TensorFlow).
         "data": ["tensorflow-datasets>=4.9.10"],
         # preparing a catalogue data set (tfds.builder(...).download_and_prepare()) needs
