@@ -23,7 +23,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt; repeat for several"
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "text file, one prompt per line (blank lines skipped)")
 _STEPS = flags.DEFINE_integer("steps", 4, "number of sampling steps")
 _GUIDANCE = flags.DEFINE_float("guidance", 8.0, "guidance scale (LCM: embedded as w - 1; teachers: CFG)")
-_SCHEDULER = flags.DEFINE_string("scheduler", "lcm", "lcm, ddim, dpm or dpm++")
+_SCHEDULER = flags.DEFINE_string("scheduler", "lcm", "lcm, mlcd (multistep consistency: --steps = the student's "
+                                 "lcd.num_segments), ddim, dpm or dpm++")
 _SEED = flags.DEFINE_integer("seed", 0, "batch i uses seed + i")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 1, "images per prompt (grid columns)")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "images per pipeline call")
@@ -112,7 +113,7 @@ def check_args(args: SampleArgs) -> list[str]:
             weights.read_config(os.path.join(args.pretrained, "vae"))).downsample_factor
     except (ValueError, FileNotFoundError) as e:  # (json errors are ValueErrors)
         raise SampleError(f"--pretrained={args.pretrained!r}: {e}") from e
-    if args.scheduler == "lcm" and args.steps > sched.original_inference_steps:
+    if args.scheduler in pipeline.CONSISTENCY_SCHEDULERS and args.steps > sched.original_inference_steps:
         raise SampleError(f"--steps={args.steps} is more than the LCM schedule's original_inference_steps="
                           f"{sched.original_inference_steps}")
     if args.steps > sched.num_train_timesteps:

@@ -6,7 +6,8 @@ from lcm_jax.lora import LCM_LORA_TARGETS
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "lcd"                  # lcd (distil from a teacher) | lcf (consistency fine-tuning)
+    c.mode = "lcd"                  # lcd (distil from a teacher) | lcf (fine-tune an LCM) | ct (consistency
+                                    # training from a diffusion model's weights; no teacher in the loss)
     c.pretrained = ""               # diffusers-layout pipeline folder: the teacher (lcd) or an LCM (lcf)
     c.tiny_teacher = False          # make a tiny random teacher at WORKDIR/teacher when pretrained == ""
     c.num_steps = 1000
@@ -29,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_prompts = ("a photo of a cat",)
     c.sample_steps = (1, 2, 4)
     c.sample_guidance = 8.0
+    c.sample_scheduler = "lcm"      # the student's sampler (grids, in-loop eval): lcm | mlcd (multistep, S steps)
     c.eval_every = 0                # in-loop evaluation every N steps (0: off); see lcm_jax/eval/inloop.py
     c.eval = ml_collections.ConfigDict()
     c.eval.steps = (1, 2, 4)        # LCM steps scored
@@ -42,11 +44,21 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"        # digits | folder | tar | tfds | cache (python -m lcm_jax.data.cache)
-    c.data.path = ""
+    #                                 | teacher (data-free: the teacher generates the latents, see below)
+    c.data.path = ""                # source=teacher: the generated cache's folder ("" = WORKDIR/teacher_data)
     c.data.resolution = 32
     c.data.center_crop = True
     c.data.random_flip = False
     c.data.caption_dropout = 0.0    # probability of the empty prompt (the unconditional embedding)
+    # data.source = "teacher" (lcm_jax/data/teacher_data.py): num_examples latents sampled once by the
+    # teacher from noise (teacher_scheduler, teacher_steps, CFG w = teacher_guidance, teacher_batch at
+    # a time, seed + batch index), example i from prompts[i % len(prompts)], cached, then trained on
+    c.data.prompts = ml_collections.FieldReference((), field_type=object)  # tuple of str | text file, 1 a line
+    c.data.num_examples = 1024
+    c.data.teacher_scheduler = "dpm++"  # ddim | dpm | dpm++
+    c.data.teacher_steps = 8
+    c.data.teacher_guidance = 7.5
+    c.data.teacher_batch = 32
 
     c.lcd = ml_collections.ConfigDict()
     c.lcd.num_ddim_timesteps = 50   # N; skipping step k = T // N
@@ -56,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.lcd.loss = "l2"               # l2 | huber
     c.lcd.huber_c = 0.001           # pseudo-Huber c; <= 0 uses iCT's 0.00054 * sqrt(d)
     c.lcd.ema_decay = 0.999943      # mu of the target theta^- (unused with LoRA: no EMA)
+    c.lcd.target = "ema"            # ema (theta^- above) | online (the student, stop-gradient: MLCD, iCT)
+    c.lcd.num_segments = 1          # multistep LCD: S segments, sampled with S steps of scheduler="mlcd"
+    c.lcd.solver_steps = 1          # teacher sub-steps of Psi per interval (TLCM, with sparse timesteps)
+    c.lcd.timestep_draw = "uniform" # uniform n | lognormal (iCT, over the intervals' EDM sigmas)
+    c.lcd.lognormal_mean, c.lcd.lognormal_std = -1.1, 2.0
 
     # LCM-LoRA (configs/lcm_lora_sd15.py): rank > 0 trains only a LoRA on the teacher's UNet
     # (no omega embedding, target = the LoRA student itself); 0 = full LCD / LCF as above.

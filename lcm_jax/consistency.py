@@ -1,14 +1,16 @@
-"""The consistency function f_theta = c_skip(t) z + c_out(t) x0_pred, and the guidance (omega)
-embedding the student is conditioned on. Model-agnostic: the UNet call happens outside."""
+"""The consistency function f_theta = c_skip(t) z + c_out(t) x0_pred, its multistep (segment)
+form, and the guidance (omega) embedding the student is conditioned on. Model-agnostic: the
+UNet call happens outside."""
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 from lcm_jax.models.embeddings import guidance_embedding  # noqa: F401  (re-exported)
 from lcm_jax.schedules import (NoiseSchedule, alpha_sigma, expand_like,
                                scalings_for_boundary_conditions, to_x0_eps)
 
-__all__ = ["consistency_fn", "guidance_embedding"]
+__all__ = ["consistency_fn", "guidance_embedding", "segment_fn"]
 
 
 def consistency_fn(model_output: jax.Array, z: jax.Array, t: jax.Array, schedule: NoiseSchedule,
@@ -25,3 +27,19 @@ def consistency_fn(model_output: jax.Array, z: jax.Array, t: jax.Array, schedule
     x0, _ = to_x0_eps(model_output, z, alpha, sigma, prediction_type)
     c_skip, c_out = scalings_for_boundary_conditions(t, sigma_data, scaling)
     return expand_like(c_skip, z) * z + expand_like(c_out, z) * x0
+
+
+def segment_fn(f: jax.Array, z: jax.Array, t: jax.Array, t_boundary: jax.Array,
+               schedule: NoiseSchedule) -> jax.Array:
+    """Multistep consistency (MLCD): z_t mapped to its segment's boundary b along the DDIM line
+    through LCD's f = f_theta(z, t): z_b = alpha_b f + sigma_b eps_f, eps_f = (z - alpha_t f) / sigma_t.
+
+    f, z: [B, C, H, W]; t, t_boundary: [B] int. t_boundary < 0 is the clean sample: z_b = f
+    exactly, so one segment is LCD. At t = b the map is the identity whatever f is (the
+    boundary condition comes free); the DDIM form is Phased/Multistep CMs' parameterisation.
+    """
+    alpha_t, sigma_t = alpha_sigma(schedule, t)
+    alpha_b, sigma_b = alpha_sigma(schedule, jnp.maximum(t_boundary, 0))
+    e = lambda x: expand_like(x, z)  # noqa: E731
+    eps = (z - e(alpha_t) * f) / e(sigma_t)
+    return jnp.where(e(t_boundary < 0), f, e(alpha_b) * f + e(sigma_b) * eps)

@@ -1,8 +1,10 @@
 """The digits reproduction of the LCM paper's Table 1 (configs/digits.py): the stages in order.
 
 teacher (lcm_jax/teacher.py) -> LCD (trainer.train, the same code as the SD configs) ->
-ablations (trainer.train per solver Psi / skipping step k, reduced budget) -> evaluation
-(lcm_jax/eval/table.py). Each stage is resumable and skipped when its output exists.
+ablations (trainer.train per solver Psi / skipping step k, reduced budget) -> beyond LCM
+(multistep LCD with S segments and data-free LCD from the teacher's own samples, the same
+budget) -> evaluation (lcm_jax/eval/table.py). Each stage is resumable and skipped when its
+output exists.
 """
 from __future__ import annotations
 
@@ -57,6 +59,42 @@ def ablation_configs(config, teacher: str, scorer: str) -> dict[str, object]:
     return runs
 
 
+def beyond_configs(config, teacher: str, scorer: str) -> dict[str, object]:
+    """{name: config}: the LCM successors of ``config.beyond`` as options of the same LCD run, at
+    ``beyond.num_steps``: MLCD with S segments (no EMA, sampled with S steps of "mlcd") and LCD
+    on latents the teacher generates from the ten captions alone (data.source = "teacher")."""
+    b = config.get("beyond")
+    if b is None:
+        return {}
+    base = lcd_config(config, teacher, scorer)
+    with base.unlocked():
+        base.num_steps = b.num_steps
+        base.eval_every = 0
+        base.sample_steps = ()
+        base.checkpoint_every = b.num_steps
+    runs = {}
+    for s in b.segments:
+        c = copy.deepcopy(base)
+        with c.unlocked():
+            c.lcd.num_segments = int(s)
+            c.lcd.target = "online"
+            c.sample_scheduler = "mlcd"
+        runs[f"MLCD S={s}"] = c
+    if b.datafree:
+        from lcm_jax.data.sources import digit_caption
+        c = copy.deepcopy(base)
+        with c.unlocked():
+            c.data.source = "teacher"
+            c.data.path = ""  # the run's WORKDIR/teacher_data
+            c.data.prompts = tuple(digit_caption(d) for d in range(10))
+            c.data.num_examples = int(b.datafree_examples)
+            c.data.teacher_scheduler = b.teacher_scheduler
+            c.data.teacher_steps = int(b.teacher_steps)
+            c.data.teacher_guidance = float(b.teacher_guidance)
+        runs["data-free LCD"] = c
+    return runs
+
+
 def run(config, workdir: str) -> str:
     """All stages; returns WORKDIR/results.md, or "" when pre-empted (rerun to continue)."""
     os.makedirs(workdir, exist_ok=True)
@@ -104,19 +142,41 @@ def run(config, workdir: str) -> str:
                 return ""
         ablations[name] = out
 
+    # ------------------------------------------------------------------ stage 3b: beyond LCM
+    beyond = {}
+    for name, c in beyond_configs(config, teacher_dir, scorer_path).items():
+        d = os.path.join(workdir, "beyond", name.replace(" ", "_").replace("=", ""))
+        out = os.path.join(d, "final")
+        if not _done(out):
+            logging.info("beyond: %s, %d steps in %s", name, c.num_steps, d)
+            out = timed(f"beyond {name}", trainer.train, c, d)
+            if not out:
+                return ""
+        beyond[name] = (out, c.sample_scheduler)
+
     # ------------------------------------------------------------------ stage 4: evaluation
     def evaluate():
         teacher = LCMPipeline.from_pretrained(teacher_dir)
         shared: dict = {}
-        lcms = {}
-        for name, folder in {"LCM": final, **ablations}.items():
-            student = LCMPipeline.from_pretrained(folder)
-            lcms[name] = dataclasses.replace(teacher, unet=student.unet, unet_params=student.unet_params,
-                                             _compiled=shared)
+        def student(folder):
+            s = LCMPipeline.from_pretrained(folder)
+            return dataclasses.replace(teacher, unet=s.unet, unet_params=s.unet_params, _compiled=shared)
+
+        lcms = {name: student(folder) for name, folder in {"LCM": final, **ablations}.items()}
+        b = config.get("beyond")
+        extra = {}
+        if beyond:  # beside them, the LCD run of the same budget (the ablation's, when it is one)
+            same = f"solver=ddim k={1000 // config.lcd.num_ddim_timesteps}"
+            if same in ablations and int(config.ablation.num_steps) == int(b.num_steps):
+                extra["LCD"] = (lcms[same], "lcm")
+            extra.update({name: (student(folder), sched) for name, (folder, sched) in beyond.items()})
         scorer = load_or_train_scorer(scorer_path, config.data.resolution)
         results = table.evaluate(config.table, teacher, lcms, scorer, workdir, config.data.resolution,
-                                 ablation_steps=config.ablation.sample_steps)
+                                 ablation_steps=config.ablation.sample_steps, beyond=extra,
+                                 beyond_steps=b.sample_steps if b is not None else ())
         results["ablation_steps_trained"] = int(config.ablation.num_steps)
+        if b is not None:
+            results["beyond_steps_trained"] = int(b.num_steps)
         results["lcd_steps"] = int(config.num_steps)
         return results
 

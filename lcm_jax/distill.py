@@ -1,4 +1,4 @@
-"""Latent Consistency Distillation (LCD) and Fine-tuning (LCF): the loss and the train step.
+"""Latent Consistency Distillation (LCD), Fine-tuning (LCF) and Training (CT): the loss and the train step.
 
 Pure functions of pytrees. The models are static Flax definitions (``Models``); the frozen
 teacher, VAE, text encoder and empty-prompt embedding are one pytree argument (``frozen``)
@@ -9,6 +9,18 @@ on the teacher's own UNet, merged into ``frozen["teacher"]`` inside the step (so
 weights are held once and only the LoRA is in the state); the student has no omega embedding
 (omega only guides the teacher's target) and the target is the same LoRA student under
 stop-gradient, no EMA, as diffusers' train_lcm_distill_lora_*.py.
+
+The LCM successors are options of the same step:
+- multistep LCD (``num_segments`` S > 1; Multistep / Phased CMs, TLCM): the skipping schedule is
+  cut into S segments and both sides of the loss are mapped to the lower boundary of the start's
+  segment (consistency.segment_fn), sampled with S steps (``scheduler="mlcd"``); S = 1 is LCD;
+- a target without EMA (``ema_target=False``: the online student under stop-gradient);
+- TLCM's multistep teacher solver (``solver_steps`` m > 1 sub-steps of Psi between the sparse
+  timesteps t_{n+k} and t_n, guidance at each);
+- iCT's lognormal draw of the interval (``timestep_draw="lognormal"``) and pseudo-Huber loss
+  (``loss="huber"``, ``huber_c <= 0``: c = 0.00054 sqrt(d));
+- consistency training without a teacher (``mode="ct"``): LCF's pair from real data, the student
+  initialised from a plain diffusion model.
 """
 from __future__ import annotations
 
@@ -22,17 +34,20 @@ import jax.numpy as jnp
 import optax
 
 from lcm_jax import lora
-from lcm_jax.consistency import consistency_fn
+from lcm_jax.consistency import consistency_fn, segment_fn
 from lcm_jax.ema import ema, ema_params
 from lcm_jax.models.clip import CLIPTextModel
 from lcm_jax.models.embeddings import guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel
 from lcm_jax.models.vae import AutoencoderKL, sample_latent
-from lcm_jax.schedules import NoiseSchedule, alpha_sigma, expand_like, sample_timestep_pair, to_x0_eps
+from lcm_jax.schedules import (NoiseSchedule, alpha_sigma, expand_like, lognormal_pair_weights,
+                               sample_timestep_pair, segment_boundaries, segment_edges, to_x0_eps)
 from lcm_jax.solvers import get_solver
 
-MODES = ("lcd", "lcf")
+MODES = ("lcd", "lcf", "ct")
 LOSSES = ("l2", "huber")
+TIMESTEP_DRAWS = ("uniform", "lognormal")
+TARGETS = ("ema", "online")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +63,12 @@ class DistillSpec:
     huber_c: float = 0.001
     caption_dropout: float = 0.0
     lora_alpha: Optional[float] = None  # None: params are the student; else a LoRA tree (alpha / r)
+    num_segments: int = 1               # MLCD segments S (1: LCD, the target maps to the clean sample)
+    ema_target: bool = True             # theta^- = EMA in opt_state; False: the online student, stop-gradient
+    solver_steps: int = 1               # teacher sub-steps of Psi per interval (TLCM's multistep solver)
+    timestep_draw: str = "uniform"      # uniform n | lognormal (iCT)
+    lognormal_mean: float = -1.1
+    lognormal_std: float = 2.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -62,17 +83,41 @@ class DistillSpec:
         if self.lora_alpha is not None and self.mode != "lcd":
             raise ValueError(f"LoRA training (lora.rank > 0) is LCM-LoRA distillation: it needs mode='lcd', "
                              f"got mode={self.mode!r}")
+        segment_edges(self.num_ddim_timesteps, self.num_segments)  # raises on S outside [1, N]
+        if self.solver_steps < 1:
+            raise ValueError(f"lcd.solver_steps must be >= 1, got {self.solver_steps}")
+        if self.solver_steps > 1 and self.mode != "lcd":
+            raise ValueError(f"lcd.solver_steps={self.solver_steps} sub-steps the teacher's solver: it needs mode='lcd'")
+        if self.timestep_draw not in TIMESTEP_DRAWS:
+            raise ValueError(f"lcd.timestep_draw {self.timestep_draw!r}: expected one of {TIMESTEP_DRAWS}")
+        if self.lognormal_std <= 0:
+            raise ValueError(f"lcd.lognormal_std must be > 0, got {self.lognormal_std}")
 
     @property
     def lora(self) -> bool:
         return self.lora_alpha is not None
 
+    @property
+    def uses_ema(self) -> bool:
+        """theta^- is an EMA held in opt_state (not with LCM-LoRA or lcd.target='online')."""
+        return self.ema_target and not self.lora
+
     @classmethod
     def from_config(cls, config) -> "DistillSpec":
         c = config.lcd
+        target = c.get("target", "ema")
+        if target not in TARGETS:
+            raise ValueError(f"lcd.target {target!r}: expected one of {TARGETS} (ema: theta^- = EMA of theta; "
+                             "online: the student itself under stop-gradient)")
+        alpha = lora_alpha(config)
         return cls(mode=config.mode, num_ddim_timesteps=c.num_ddim_timesteps, omega_min=c.omega_min,
                    omega_max=c.omega_max, solver=c.solver, loss=c.loss, huber_c=c.huber_c,
-                   caption_dropout=config.data.caption_dropout, lora_alpha=lora_alpha(config))
+                   caption_dropout=config.data.caption_dropout, lora_alpha=alpha,
+                   num_segments=int(c.get("num_segments", 1)),
+                   ema_target=target == "ema",  # LCM-LoRA: always the online LoRA (uses_ema)
+                   solver_steps=int(c.get("solver_steps", 1)), timestep_draw=c.get("timestep_draw", "uniform"),
+                   lognormal_mean=float(c.get("lognormal_mean", -1.1)),
+                   lognormal_std=float(c.get("lognormal_std", 2.0)))
 
 
 def lora_rank(config) -> int:
@@ -205,25 +250,32 @@ class Draws(NamedTuple):
     noise: jax.Array    # [B, C, h, w]
     omega: jax.Array    # [B]
     drop: jax.Array     # [B] bool, caption dropped
+    t_boundary: jax.Array  # [B] int32, the start's segment boundary (-1: the clean sample; always for S = 1)
 
 
 def draw(rng: jax.Array, latents: jax.Array, spec: DistillSpec, schedule: NoiseSchedule) -> Draws:
     r_t, r_noise, r_omega, r_drop = jax.random.split(rng, 4)
-    b = latents.shape[0]
-    t_start, t_end = sample_timestep_pair(r_t, b, spec.num_ddim_timesteps, schedule.num_train_timesteps)
+    b, T, N = latents.shape[0], schedule.num_train_timesteps, spec.num_ddim_timesteps
+    weights = None if spec.timestep_draw == "uniform" else lognormal_pair_weights(
+        schedule, N, spec.lognormal_mean, spec.lognormal_std)
+    t_start, t_end = sample_timestep_pair(r_t, b, N, T, weights)
     noise = jax.random.normal(r_noise, latents.shape, jnp.float32)
     omega = jax.random.uniform(r_omega, (b,), jnp.float32, spec.omega_min, spec.omega_max)
     drop = jax.random.uniform(r_drop, (b,)) < spec.caption_dropout
-    return Draws(t_start, t_end, noise, omega, drop)
+    n = (t_start + 1) // (T // N) - 1  # the skipping-step index of t_start
+    t_boundary = jnp.asarray(segment_boundaries(T, N, spec.num_segments))[n]
+    return Draws(t_start, t_end, noise, omega, drop, t_boundary)
 
 
 def lcd_target_latents(models: Models, teacher_params: Any, z_start: jax.Array, d: Draws,
                        cond: jax.Array, uncond: jax.Array, solver: str, added: Optional[dict] = None,
-                       added_uncond: Optional[dict] = None) -> jax.Array:
+                       added_uncond: Optional[dict] = None, solver_steps: int = 1) -> jax.Array:
     """The guidance-augmented ODE target z_hat_{t_n} = (1 + w) Psi(z, c) - w Psi(z, empty),
     written as z + (1+w)(Psi_c - z) - w(Psi_u - z); both branches in one batched teacher call
-    per solver stage (2B examples). ``added``/``added_uncond``: SDXL's added conditioning of
-    each branch (None for SD1/SD2). [B, C, h, w], no gradient."""
+    per solver stage (2B examples). ``solver_steps`` m > 1: that guided step m times over equal
+    integer sub-intervals of [t_n, t_{n+k}] (TLCM's multistep teacher between sparse timesteps).
+    ``added``/``added_uncond``: SDXL's added conditioning of each branch (None for SD1/SD2).
+    [B, C, h, w], no gradient."""
     schedule = models.schedule
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), added, added_uncond)
 
@@ -232,12 +284,16 @@ def lcd_target_latents(models: Models, teacher_params: Any, z_start: jax.Array, 
         alpha, sigma = alpha_sigma(schedule, t)
         return to_x0_eps(out.astype(jnp.float32), z, alpha, sigma, schedule.prediction_type)
 
-    z2 = jnp.concatenate([z_start, z_start])
-    z_end = get_solver(solver)(denoise, z2, jnp.concatenate([d.t_start, d.t_start]),
-                               jnp.concatenate([d.t_end, d.t_end]), schedule)
-    z_c, z_u = jnp.split(z_end, 2)
     w = expand_like(d.omega, z_start)
-    return jax.lax.stop_gradient(z_start + (1.0 + w) * (z_c - z_start) - w * (z_u - z_start))
+    span = d.t_start - d.t_end
+    z = z_start
+    for i in range(solver_steps):  # sub-step i: t_start - i span / m -> t_start - (i + 1) span / m
+        s, t = d.t_start - (i * span) // solver_steps, d.t_start - ((i + 1) * span) // solver_steps
+        z_end = get_solver(solver)(denoise, jnp.concatenate([z, z]), jnp.concatenate([s, s]),
+                                   jnp.concatenate([t, t]), schedule)
+        z_c, z_u = jnp.split(z_end, 2)
+        z = z + (1.0 + w) * (z_c - z) - w * (z_u - z)
+    return jax.lax.stop_gradient(z)
 
 
 def student_params(params: Any, frozen: Any, spec: DistillSpec) -> Any:
@@ -282,12 +338,14 @@ def distill_loss(params: Any, target_params: Any, frozen: Any, latents: jax.Arra
     z_start = expand_like(a_s, latents) * latents + expand_like(s_s, latents) * d.noise
     if spec.mode == "lcd":
         z_end = lcd_target_latents(models, frozen["teacher"], z_start, d, cond, uncond, spec.solver, added,
-                                   added_uncond)
-    else:  # LCF: the same noise at the earlier timestep, from real data
+                                   added_uncond, spec.solver_steps)
+    else:  # LCF / CT: the same noise at the earlier timestep, from real data
         a_e, s_e = alpha_sigma(models.schedule, d.t_end)
         z_end = expand_like(a_e, latents) * latents + expand_like(s_e, latents) * d.noise
-    target = jax.lax.stop_gradient(student_f(models, target_params, z_end, d.t_end, cond, d.omega, added))
+    target = student_f(models, target_params, z_end, d.t_end, cond, d.omega, added)
+    target = jax.lax.stop_gradient(segment_fn(target, z_end, d.t_end, d.t_boundary, models.schedule))
     pred = student_f(models, online, z_start, d.t_start, cond, d.omega, added)
+    pred = segment_fn(pred, z_start, d.t_start, d.t_boundary, models.schedule)  # S = 1: pred itself
     loss = consistency_distance(pred, target, spec.loss, spec.huber_c)
     return loss, {"omega_mean": jnp.mean(d.omega), "t_start_mean": jnp.mean(d.t_start.astype(jnp.float32))}
 
@@ -300,7 +358,7 @@ def train_step(state: TrainState, batch: dict, frozen: Any, *, spec: DistillSpec
     The target is theta^- from ``opt_state``, or for LCM-LoRA the online student (no EMA)."""
     rng, r_enc, r_loss = jax.random.split(state.rng, 3)
     latents, cond, added = encode_batch(models, frozen, batch, r_enc, with_added=True)
-    target = None if spec.lora else ema_params(state.opt_state)
+    target = ema_params(state.opt_state) if spec.uses_ema else None
     (loss, aux), grads = jax.value_and_grad(distill_loss, has_aux=True)(
         state.params, target, frozen, latents, cond, r_loss, spec, models, added)
     grad_norm = optax.global_norm(grads)

@@ -21,11 +21,12 @@ from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel, load_tokenizer, t
 from lcm_jax.models.embeddings import TimestepEmbedding, guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.models.vae import AutoencoderKL, VAEConfig
-from lcm_jax.schedules import NoiseSchedule, lcm_timesteps
+from lcm_jax.schedules import NoiseSchedule, lcm_timesteps, mlcd_timesteps
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
-SCHEDULERS = ("lcm", "ddim", "dpm", "dpm++")
+SCHEDULERS = ("lcm", "mlcd", "ddim", "dpm", "dpm++")
+CONSISTENCY_SCHEDULERS = ("lcm", "mlcd")  # the student samplers (the others: the teacher's, with CFG)
 OUTPUT_TYPES = ("uint8", "np", "latent")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose loaders read what we write
@@ -332,12 +333,21 @@ class LCMPipeline:
         embeds, pooled = self._compiled["text"](tuple(p for _, p, _ in encoders), ids)
         return (embeds, pooled) if return_pooled else embeds
 
-    def _unconditional(self, cond: jax.Array, pooled: Optional[jax.Array]):
-        """CFG's negative (embeddings, pooled), broadcast to ``cond``'s batch: the empty prompt's,
-        or zeros for SDXL with force_zeros_for_empty_prompt (what diffusers does by default)."""
+    def negative_prompt_embeds(self) -> tuple[jax.Array, Optional[jax.Array]]:
+        """The conditioning of CFG's negative branch and of dropped captions, for one example:
+        (embeddings [1, L, D], pooled [1, P] or None for SD1/SD2). The empty prompt's, or zeros for
+        SDXL with force_zeros_for_empty_prompt (diffusers' SDXL pipeline and its LCM scripts), in
+        which case no text encoder runs."""
         if self.is_sdxl and self.force_zeros_for_empty_prompt:
-            return jnp.zeros_like(cond), jnp.zeros_like(pooled)
-        uncond, uncond_pooled = self.encode_prompt([""], return_pooled=True)
+            length = self.tokenizer.model_max_length
+            width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+            return (jnp.zeros((1, length, width), jnp.float32),
+                    jnp.zeros((1, self.text_encoder_2.config.projection_dim), jnp.float32))
+        return self.encode_prompt([""], return_pooled=True)
+
+    def _unconditional(self, cond: jax.Array, pooled: Optional[jax.Array]):
+        """``negative_prompt_embeds`` broadcast to ``cond``'s (and ``pooled``'s) batch."""
+        uncond, uncond_pooled = self.negative_prompt_embeds()
         return (jnp.broadcast_to(uncond, cond.shape),
                 None if pooled is None else jnp.broadcast_to(uncond_pooled, pooled.shape))
 
@@ -384,9 +394,9 @@ class LCMPipeline:
                 raise ValueError(f"latents have shape {latents.shape}, expected {shape} "
                                  f"(N, C, H/{f}, W/{f}) for {len(prompts)} prompt(s) x "
                                  f"{num_images_per_prompt} image(s) at {height}x{width}")
-        if scheduler == "lcm":
-            timesteps = lcm_timesteps(int(num_inference_steps), self.schedule.num_train_timesteps,
-                                      self.schedule.original_inference_steps)
+        if scheduler in CONSISTENCY_SCHEDULERS:
+            timesteps = (lcm_timesteps if scheduler == "lcm" else mlcd_timesteps)(
+                int(num_inference_steps), self.schedule.num_train_timesteps, self.schedule.original_inference_steps)
         rng = jax.random.PRNGKey(seed)
         rng_latents, rng_steps = jax.random.split(rng)
         z = jnp.asarray(latents) if latents is not None else jax.random.normal(rng_latents, shape)
@@ -403,7 +413,7 @@ class LCMPipeline:
                      {"text_embeds": uncond_pooled, "time_ids": time_ids} if use_cfg else None)
         fn = self._sampler(scheduler, int(num_inference_steps), use_cfg, output_type == "latent")
         args = dict(unet=self.unet_params, vae=self.vae_params, lora=self._unfused_lora())
-        if scheduler == "lcm":
+        if scheduler in CONSISTENCY_SCHEDULERS:
             noises = None if _noises is None else jnp.asarray(_noises, jnp.float32)
             images = fn(args, z, cond, uncond, jnp.float32(guidance_scale), rng_steps, noises,
                         jnp.asarray(timesteps, jnp.int32), added)
@@ -492,10 +502,13 @@ def make_sample_fn(unet: UNet2DConditionModel, vae: AutoencoderKL, schedule: Noi
         x = vae.apply({"params": params["vae"]}, z0, method=vae.decode)  # [N, 3, H, W]
         return jnp.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
-    if scheduler == "lcm":
+    if scheduler in CONSISTENCY_SCHEDULERS:
         def sample(params, z, cond, uncond, guidance_scale, rng, noises, timesteps, added=None):
             model_fn = model(params, cond, uncond, guidance_scale, added)
-            z0 = sampling.lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises)
+            if scheduler == "lcm":
+                z0 = sampling.lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises)
+            else:  # deterministic: no per-step noise
+                z0 = sampling.mlcd_sample(model_fn, z, timesteps, schedule)
             return finish(params, z0)
     else:
         def sample(params, z, cond, uncond, guidance_scale, added=None):

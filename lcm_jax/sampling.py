@@ -1,4 +1,5 @@
-"""Samplers: LCM multistep (Algorithm 3) and the teachers' DDIM / DPM-Solver / DPM-Solver++.
+"""Samplers: LCM multistep (Algorithm 3), multistep consistency (MLCD segments) and the
+teachers' DDIM / DPM-Solver / DPM-Solver++.
 
 Each is a pure, jit-traceable function over all steps (one lax.scan, so one compile per
 (shape, num_steps)), reproducing the matching diffusers scheduler step by step.
@@ -14,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax.consistency import consistency_fn
+from lcm_jax.consistency import consistency_fn, segment_fn
 from lcm_jax.schedules import (NoiseSchedule, ddim_sampling_timesteps, dpm_sampling_timesteps,
-                               expand_like, to_x0_eps)
+                               to_x0_eps)
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 INIT_NOISE_SIGMA = 1.0  # DDIM, DPMSolverMultistep and LCM schedulers all start from N(0, I)
@@ -80,6 +81,29 @@ def lcm_sample(model_fn: ModelFn, z_T: jax.Array, timesteps: Union[Sequence[int]
         return z, (z if return_trajectory else None)
 
     z, traj = jax.lax.scan(step, z, (ts, t_next, is_last, source))
+    return _finish(z, traj, return_trajectory)
+
+
+# --------------------------------------------------------------------------- multistep consistency
+
+def mlcd_sample(model_fn: ModelFn, z_T: jax.Array, timesteps: Union[Sequence[int], jax.Array],
+                schedule: NoiseSchedule, *, return_trajectory: bool = False):
+    """Multistep consistency sampling through segment boundaries (``mlcd_timesteps``): at each
+    timestep t, z = segment_fn(f_theta(z, t)) at the next timestep (the last step: the clean
+    sample f). Deterministic, one model call per segment; a student trained with S segments
+    (lcd.num_segments) is sampled with S steps. Returns [B,C,H,W] float32 (and with
+    ``return_trajectory`` z after every step, [S, B,C,H,W])."""
+    ts = jnp.asarray(timesteps, jnp.int32)  # [S]
+    boundaries = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])  # [S]
+
+    def step(z, xs):
+        t, b = xs
+        tb = _batch_t(t, z)
+        f = consistency_fn(model_fn(z, tb), z, tb, schedule)
+        z = segment_fn(f, z, tb, _batch_t(b, z), schedule).astype(jnp.float32)
+        return z, (z if return_trajectory else None)
+
+    z, traj = jax.lax.scan(step, z_T.astype(jnp.float32) * INIT_NOISE_SIGMA, (ts, boundaries))
     return _finish(z, traj, return_trajectory)
 
 

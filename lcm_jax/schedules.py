@@ -12,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import erf
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
@@ -186,14 +187,73 @@ def ddim_timesteps(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50
 
 
 def sample_timestep_pair(rng: jax.Array, batch_size: int, num_ddim_timesteps: int = 50,
-                         num_train_timesteps: int = 1000) -> Tuple[jax.Array, jax.Array]:
-    """One LCD training interval per example: n ~ U{0..N-1}, t_start = ddim_timesteps[n],
-    t_end = max(t_start - T // N, 0). Returns (t_start, t_end), each [B] int32."""
+                         num_train_timesteps: int = 1000,
+                         weights: Optional[np.ndarray] = None) -> Tuple[jax.Array, jax.Array]:
+    """One LCD training interval per example: n ~ U{0..N-1} (or ~ ``weights`` [N], e.g.
+    ``lognormal_pair_weights``), t_start = ddim_timesteps[n], t_end = max(t_start - T // N, 0).
+    Returns (t_start, t_end), each [B] int32."""
     table = jnp.asarray(ddim_timesteps(num_train_timesteps, num_ddim_timesteps))
-    n = jax.random.randint(rng, (batch_size,), 0, num_ddim_timesteps)
+    if weights is None:
+        n = jax.random.randint(rng, (batch_size,), 0, num_ddim_timesteps)
+    else:
+        n = jax.random.categorical(rng, jnp.log(jnp.asarray(weights, jnp.float32)), shape=(batch_size,))
     t_start = table[n]
     t_end = jnp.maximum(t_start - num_train_timesteps // num_ddim_timesteps, 0)
     return t_start, t_end
+
+
+def lognormal_pair_weights(schedule: NoiseSchedule, num_ddim_timesteps: int = 50, p_mean: float = -1.1,
+                           p_std: float = 2.0) -> jax.Array:
+    """iCT's discretised lognormal over the N intervals (Song & Dhariwal 2023, eq. 10):
+    p(n) ~ erf((log sigma_start - P_mean) / (sqrt(2) P_std)) - erf((log sigma_end - P_mean) / ...),
+    with sigma = sqrt((1 - ac) / ac) the EDM noise level of a DDPM timestep. [N] float32, sums to 1
+    (jnp: the schedule may be traced)."""
+    T = schedule.num_train_timesteps
+    start = ddim_timesteps(T, num_ddim_timesteps)
+    end = np.maximum(start - T // num_ddim_timesteps, 0)
+    ac = schedule.alphas_cumprod
+
+    def cdf(t):
+        log_sigma = 0.5 * jnp.log((1.0 - ac[t]) / ac[t])
+        return erf((log_sigma - p_mean) / (math.sqrt(2.0) * p_std))
+
+    w = cdf(start) - cdf(end)
+    return w / jnp.sum(w)
+
+
+# --------------------------------------------------------------------------- multistep (segments)
+
+def segment_edges(num_ddim_timesteps: int, num_segments: int) -> np.ndarray:
+    """Multistep consistency (MLCD): the S segments of the N skipping-step indices, as edges
+    e_m = floor(m N / S), m = 0..S; segment m holds indices [e_m, e_{m+1}). [S + 1] int."""
+    if not 1 <= num_segments <= num_ddim_timesteps:
+        raise ValueError(f"lcd.num_segments={num_segments} must be in [1, num_ddim_timesteps={num_ddim_timesteps}]")
+    return (np.arange(num_segments + 1) * num_ddim_timesteps) // num_segments
+
+
+def segment_boundaries(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50,
+                       num_segments: int = 1) -> np.ndarray:
+    """For each skipping-step index n, the timestep its multistep consistency function maps to:
+    the lower boundary of n's segment, ddim_timesteps[e_m - 1], or -1 (the clean sample, as
+    LCD's f) in the lowest segment. S = 1: all -1. [N] int32."""
+    table = ddim_timesteps(num_train_timesteps, num_ddim_timesteps)
+    edges = segment_edges(num_ddim_timesteps, num_segments)
+    seg = np.searchsorted(edges, np.arange(num_ddim_timesteps), side="right") - 1  # [N] segment of n
+    lower = edges[seg]
+    return np.where(lower > 0, table[np.maximum(lower - 1, 0)], -1).astype(np.int32)
+
+
+def mlcd_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
+                   original_inference_steps: int = 50) -> np.ndarray:
+    """The multistep consistency sampler's timesteps: the tops of ``num_inference_steps`` equal
+    segments of the skipping-step schedule, descending (50 steps of 1000, 4 segments ->
+    [999, 739, 499, 239]); each step maps to the next one (the last to the clean sample)."""
+    if num_inference_steps is None or not 1 <= num_inference_steps <= original_inference_steps:
+        raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, original_inference_steps="
+                         f"{original_inference_steps}] (one step per segment of the skipping schedule)")
+    table = ddim_timesteps(num_train_timesteps, original_inference_steps)
+    edges = segment_edges(original_inference_steps, num_inference_steps)
+    return table[edges[1:] - 1][::-1].astype(np.int32)
 
 
 # --------------------------------------------------------------------------- inference timesteps

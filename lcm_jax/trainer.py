@@ -30,12 +30,14 @@ from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import distill, lora, loop, sharding
 from lcm_jax.data.pipeline import make_pipeline
 from lcm_jax.data.sources import DIGIT_WORDS
+from lcm_jax.data.teacher_data import check_teacher_data_config, teacher_data_config
 from lcm_jax.eval.inloop import make_evaluator
 from lcm_jax.images import save_grid
 from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
 from lcm_jax.models.unet import UNet2DConditionModel
-from lcm_jax.pipeline import LCMPipeline, check_pipeline_folder, init_cond_proj, resolve_dtype, sdxl_time_ids
+from lcm_jax.pipeline import (CONSISTENCY_SCHEDULERS, LCMPipeline, check_pipeline_folder, init_cond_proj,
+                              resolve_dtype, sdxl_time_ids)
 
 REMAT = ("none", "block", "full")
 EXPORT = ("ema", "online")
@@ -55,16 +57,19 @@ def validate_config(config) -> distill.DistillSpec:
         raise ValueError(f"config.remat {config.remat!r} is not supported: expected one of {REMAT}")
     if config.get("export_params", "ema") not in EXPORT:
         raise ValueError(f"config.export_params {config.export_params!r}: expected one of {EXPORT}")
+    if config.get("sample_scheduler", "lcm") not in CONSISTENCY_SCHEDULERS:
+        raise ValueError(f"config.sample_scheduler {config.sample_scheduler!r}: expected one of {CONSISTENCY_SCHEDULERS}")
     if config.cond_proj_init not in ("zeros", "default"):
         raise ValueError(f"config.cond_proj_init {config.cond_proj_init!r}: expected zeros | default")
-    if not config.pretrained and not (config.tiny_teacher and config.mode == "lcd"):
+    if not config.pretrained and not (config.tiny_teacher and config.mode in ("lcd", "ct")):
         raise ValueError("config.pretrained is empty: set it to a diffusers-layout pipeline folder "
-                         "(unet/ vae/ text_encoder/ tokenizer/ scheduler/), or tiny_teacher=True for lcd")
+                         "(unet/ vae/ text_encoder/ tokenizer/ scheduler/), or tiny_teacher=True for lcd / ct")
     if config.pretrained:
         check_pipeline_folder(config.pretrained)
         if config.data.source == "cache" and os.path.isdir(os.path.join(config.pretrained, "text_encoder_2")):
             raise ValueError(f"data.source='cache' with the SDXL pipeline {config.pretrained!r}: a latent cache "
                              "holds no pooled text embeddings yet; train SDXL from images (folder | tar | tfds)")
+    check_teacher_data_config(config)  # data.source="teacher": mode lcd, the prompts, the generation keys
     if spec.lora:
         targets = config.lora.targets
         if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
@@ -136,20 +141,29 @@ def train(config, workdir: str) -> str:
         else:
             student, params = build_student(pipe.unet, pipe.unet_params, config)
         teacher = pipe.unet
+    elif spec.mode == "ct":  # consistency training: a diffusion model's weights, no teacher in the loss
+        if pipe.is_lcm:
+            raise ValueError(f"mode=ct starts from a plain diffusion model, but {pretrained!r} is already an LCM "
+                             "(its UNet has time_cond_proj_dim): fine-tune it with mode=lcf")
+        student, params = build_student(pipe.unet, pipe.unet_params, config)
+        teacher = None
     else:
         if not pipe.is_lcm:
             raise ValueError(f"mode=lcf fine-tunes an LCM, but {pretrained!r} has no time_cond_proj_dim "
-                             "(distil it with mode=lcd first)")
+                             "(distil it with mode=lcd first, or train it with mode=ct)")
         student = pipe.unet.clone(remat=config.remat)
         params, teacher = pipe.unet_params, None
     models = distill.Models(student, teacher, pipe.vae, pipe.text_encoder, pipe.schedule, pipe.text_encoder_2)
 
     # ------------------------------------------------------------------ data
-    cached = config.data.source == "cache"  # latents + prompt embeddings from lcm_jax.data.cache
+    data_config = config.data
+    if config.data.source == "teacher":  # data-free: the teacher's own samples, generated once into a cache
+        data_config = teacher_data_config(config, pipe, workdir)  # (or reused) and read as source "cache"
+    cached = data_config["source"] == "cache"  # latents + prompt embeddings from lcm_jax.data.cache
     if cached:  # refuse a cache made by another VAE / text encoder, before anything compiles
         from lcm_jax.data.cache import check_compatible
-        check_compatible(config.data.path, pipe, config.data.resolution, pretrained)
-    batcher = make_pipeline(config.data, functools.partial(_tokenize, pipe), config.batch_size,
+        check_compatible(data_config["path"], pipe, config.data.resolution, pretrained)
+    batcher = make_pipeline(data_config, functools.partial(_tokenize, pipe), config.batch_size,
                             config.seed, jax.process_index(), jax.process_count(),
                             caption_dropout=0.0)  # the train step drops captions (DistillSpec)
 
@@ -166,7 +180,7 @@ def train(config, workdir: str) -> str:
         frozen["teacher"] = pipe.unet_params
     frozen_sh = sharding.tree_shardings(frozen, mesh)
     frozen = sharding.put(frozen, frozen_sh)
-    tx = distill.make_optimizer(config, with_ema=not spec.lora)  # LCM-LoRA: target = online student
+    tx = distill.make_optimizer(config, with_ema=spec.uses_ema)  # else the target is the online student
     state, state_sh = loop.init_sharded(params, tx, config.seed, mesh)
     del params
 
@@ -240,14 +254,12 @@ def _tokenize(pipe: LCMPipeline, captions: list[str]):
 
 
 def _unconditional(pipe: LCMPipeline, resolution: int) -> dict:
-    """The frozen conditioning of dropped captions and CFG's negative branch: the empty prompt's
-    embedding ("uncond" [1, L, D]); SDXL: zeros when force_zeros_for_empty_prompt (as diffusers'
-    SDXL pipeline and its LCM script), its pooled embedding and the size/crop ids of the output."""
+    """The frozen conditioning of dropped captions and CFG's negative branch ("uncond" [1, L, D],
+    ``LCMPipeline.negative_prompt_embeds``); SDXL: also its pooled embedding and the size/crop ids
+    of the output."""
+    cond, pooled = (None if x is None else np.asarray(x) for x in pipe.negative_prompt_embeds())
     if not pipe.is_sdxl:
-        return {"uncond": np.asarray(pipe.encode_prompt([""]))}
-    cond, pooled = (np.asarray(x) for x in pipe.encode_prompt([""], return_pooled=True))
-    if pipe.force_zeros_for_empty_prompt:
-        cond, pooled = np.zeros_like(cond), np.zeros_like(pooled)
+        return {"uncond": cond}
     return {"uncond": cond, "uncond_pooled": pooled, "time_ids": sdxl_time_ids(resolution, resolution, 1)}
 
 
@@ -257,10 +269,10 @@ def _lora_targets(config) -> lora.Targets:
 
 
 def _export_params(state: distill.TrainState, config) -> Any:
-    """theta^- (the EMA target; default) or the online student params; LCM-LoRA: the LoRA
-    (online; it is its own target, there is no EMA)."""
+    """theta^- (the EMA target; default) or the online student params; without an EMA (LCM-LoRA,
+    lcd.target='online': the target is the online student) the online params."""
     from lcm_jax.ema import ema_params
-    if distill.lora_rank(config):
+    if distill.lora_rank(config) or config.lcd.get("target", "ema") == "online":
         return state.params
     return ema_params(state.opt_state) if config.get("export_params", "ema") == "ema" else state.params
 
@@ -281,5 +293,5 @@ def _sample_grids(pipe: LCMPipeline, unet: UNet2DConditionModel, params: Any, co
     prompts = list(config.sample_prompts)
     for steps in config.sample_steps:
         images = lcm(prompts, num_inference_steps=int(steps), guidance_scale=config.sample_guidance,
-                     scheduler="lcm", seed=config.seed, num_images_per_prompt=4)
+                     scheduler=config.get("sample_scheduler", "lcm"), seed=config.seed, num_images_per_prompt=4)
         save_grid(images, len(prompts), f"{prefix}_lcm{steps}.png")

@@ -31,6 +31,9 @@ INDEX = "index.json"
 KEYS = ("latent_mean", "latent_logvar", "prompt_embeds")
 DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}  # storage dtype
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16}
+# data keys the index of an image cache leaves out: reading speed, and data.source="teacher"'s
+_NOT_RECORDED = ("num_threads", "worker_count", "prefetch", "prompts", "num_examples", "teacher_scheduler",
+                 "teacher_steps", "teacher_guidance", "teacher_batch")
 
 
 class CacheMismatchError(ValueError):
@@ -244,6 +247,21 @@ def _encode_fn(pipe, mesh):
     return fn, sharding.put(params, params_sh)
 
 
+def finalize(partial: str, out_dir: str, index: dict) -> None:
+    """Write ``index`` into the complete folder ``partial`` and rename it to ``out_dir``; an
+    existing ``out_dir`` (overwrite) goes only once the new cache is complete."""
+    with open(os.path.join(partial, INDEX), "w") as fh:
+        json.dump(index, fh, indent=2)
+    if os.path.exists(out_dir):
+        trash = out_dir + ".old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out_dir, trash)
+        os.replace(partial, out_dir)
+        shutil.rmtree(trash)
+    else:
+        os.replace(partial, out_dir)
+
+
 def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_size: int = 1024,
                 dtype: str = "float32", overwrite: bool = False) -> dict:
     """Encode one epoch of ``config.data`` (in source order, no caption dropout) with the VAE and
@@ -355,18 +373,9 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
                            latent_shape=(pipe.vae.config.latent_channels, res // f, res // f),
                            embeds_shape=(pipe.tokenizer.model_max_length, hidden), dtype=dtype,
                            pretrained=pretrained, compute_dtype=str(config.get("dtype", "float32")),
-                           data={k: v for k, v in data.items() if k not in ("num_threads", "worker_count", "prefetch")},
+                           data=json.loads(json.dumps({k: v for k, v in data.items() if k not in _NOT_RECORDED})),
                            counts=counts)
-        with open(os.path.join(partial, INDEX), "w") as fh:
-            json.dump(index, fh, indent=2)
-        if os.path.exists(out_dir):  # overwrite: the old cache goes only once the new one is complete
-            trash = out_dir + ".old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(out_dir, trash)
-            os.replace(partial, out_dir)
-            shutil.rmtree(trash)
-        else:
-            os.replace(partial, out_dir)
+        finalize(partial, out_dir, index)
         logging.info("cache: %d examples in %d shards at %s (counts %s)", index["num_examples"],
                      len(shards), out_dir, counts)
     sharding.sync_processes("cache_done")

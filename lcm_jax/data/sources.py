@@ -280,6 +280,9 @@ def make_source(data_config, process_index: int = 0, process_count: int = 1) -> 
     """
     cfg = as_dict(data_config)
     name, get = cfg.get("source"), cfg.get
+    if name == "teacher":  # trainer.train generates it into a cache and reads that (source "cache")
+        raise ValueError("data.source='teacher' is not read directly: trainer.train generates it into a latent "
+                         "cache (lcm_jax.data.teacher_data) and reads that with data.source='cache'")
     if name not in SOURCES:
         raise ValueError(f"data.source {name!r} is not supported: expected one of {' | '.join(SOURCES)}")
     sharded = False

@@ -1,7 +1,7 @@
 """In-loop evaluation of a student during LCD/LCF, every ``config.eval_every`` steps.
 
 Quality of an LCM can get worse as training goes on while the loss still falls; this is how
-a user sees it. A fixed prompt set is sampled with the LCM sampler at ``config.eval.steps``
+a user sees it. A fixed prompt set is sampled with the LCM sampler (``config.sample_scheduler``) at ``config.eval.steps``
 (same seed every time) and scored:
 - digits data: Fréchet distance on a digit classifier's features and that classifier's
   accuracy on the prompted class (``fd_{s}``, ``acc_{s}``; lcm_jax/eval/classifier.py);
@@ -52,6 +52,7 @@ def make_evaluator(config, pipe: LCMPipeline, workdir: str) -> Optional[Evaluato
         return None
     steps = [int(s) for s in config.eval.steps]
     w = float(config.eval.guidance_scale)
+    scheduler = config.get("sample_scheduler", "lcm")  # mlcd for a multistep student
     n = int(config.eval.images_per_prompt)
     compiled: dict = {}  # one sampler compile per step count, reused at every evaluation
 
@@ -66,7 +67,7 @@ def make_evaluator(config, pipe: LCMPipeline, workdir: str) -> Optional[Evaluato
         def evaluate(unet, params) -> dict:
             lcm, out = student_pipe(unet, params), {}
             for s in steps:
-                images = lcm(prompts, s, w, "lcm", seed=config.seed, num_images_per_prompt=n)
+                images = lcm(prompts, s, w, scheduler, seed=config.seed, num_images_per_prompt=n)
                 score = scorer.score(images, labels)
                 out[f"fd_{s}"], out[f"acc_{s}"] = score["fd"], score["accuracy"]
             return out
@@ -88,7 +89,7 @@ def make_evaluator(config, pipe: LCMPipeline, workdir: str) -> Optional[Evaluato
 
     def evaluate(unet, params) -> dict:
         lcm, out = student_pipe(unet, params), {}
-        sample = functools.partial(lcm, prompts, guidance_scale=w, scheduler="lcm", seed=config.seed,
+        sample = functools.partial(lcm, prompts, guidance_scale=w, scheduler=scheduler, seed=config.seed,
                                    num_images_per_prompt=n)
         for s in steps:
             if reference is not None:

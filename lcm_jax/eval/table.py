@@ -79,8 +79,11 @@ def trajectory_mse(samples: dict[str, dict[str, np.ndarray]], reference: np.ndar
 
 
 def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, outdir: str,
-             resolution: int, ablation_steps=(1, 2, 4)) -> dict:
-    """Everything in results.json. ``lcms``: {"LCM": main student, <ablation name>: student, ...}.
+             resolution: int, ablation_steps=(1, 2, 4), beyond: Optional[dict] = None,
+             beyond_steps=(1, 2, 4)) -> dict:
+    """Everything in results.json. ``lcms``: {"LCM": main student, <ablation name>: student, ...};
+    ``beyond``: {name: (student, scheduler)} (multistep / data-free LCD, "mlcd" or "lcm"), scored
+    over all seeds at ``beyond_steps``.
 
     ``cfg`` is ``config.table``. All LCM pipelines should share one ``_compiled`` dict (same
     module definitions), so each (sampler, steps) compiles once.
@@ -91,12 +94,14 @@ def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, ou
     jobs += [("table", "LCM", lcms["LCM"], "lcm", s) for s in cfg.steps]
     jobs += [("ablation", name, pipe, "lcm", s) for name, pipe in lcms.items() if name != "LCM"
              for s in ablation_steps]
+    jobs += [("beyond", name, pipe, sched, s) for name, (pipe, sched) in (beyond or {}).items() for s in beyond_steps]
     results: dict[str, Any] = {"guidance_scale": w, "per_class": per_class, "seeds": seeds,
                                "reference_steps": int(cfg.reference_steps),
-                               "table": {}, "reference": {}, "floor": {}, "ablation": {}}
+                               "table": {}, "reference": {}, "floor": {}, "ablation": {}, "beyond": {},
+                               "beyond_schedulers": {name: sched for name, (_, sched) in (beyond or {}).items()}}
     first: dict[str, dict[str, np.ndarray]] = {"LCM": {}, "DDIM": {}}  # seed 0's images, for trajectory_mse
     for part, name, pipe, sched, s in tqdm.tqdm(jobs, desc="evaluate"):
-        seeds_here = seeds if part == "table" else seeds[:1]
+        seeds_here = seeds[:1] if part == "ablation" else seeds
         results[part].setdefault(name, {})[str(s)], images = score_sampler(
             pipe, scorer, sched, int(s), w, per_class, seeds_here,
             os.path.join(grids, f"{name.replace(' ', '_')}_{s}steps.png"))
@@ -153,6 +158,18 @@ def markdown(results: dict) -> str:
         for name, row in results["ablation"].items():
             lines.append(f"| {name} | " + " | ".join(_cell(row[str(s)]["fd"], 2) for s in a_steps) + " | " +
                          " | ".join(_cell(row[str(s)]["acc"], 3) for s in a_steps) + " |")
+    if results.get("beyond"):
+        b_steps = sorted({int(s) for row in results["beyond"].values() for s in row})
+        scheds = results.get("beyond_schedulers", {})
+        lines += ["", f"### Beyond LCM at a reduced budget ({results.get('beyond_steps_trained', '?')} steps each, "
+                  f"mean ± std over seeds {results['seeds']}): multistep LCD (S segments, sampler mlcd) and "
+                  "data-free LCD (the teacher's own samples)", "",
+                  "| run (sampler) | " + " | ".join(f"FD {s}-step" for s in b_steps) + " | " +
+                  " | ".join(f"acc {s}-step" for s in b_steps) + " |", "|---" * (1 + 2 * len(b_steps)) + "|"]
+        for name, row in results["beyond"].items():
+            lines.append(f"| {name} ({scheds.get(name, 'lcm')}) | " +
+                         " | ".join(_cell(row[str(s)]["fd"], 2) for s in b_steps) + " | " +
+                         " | ".join(_cell(row[str(s)]["acc"], 3) for s in b_steps) + " |")
     return "\n".join(lines) + "\n"
 
 
