@@ -169,11 +169,13 @@ def run(config, workdir: str) -> str:
             same = f"solver=ddim k={1000 // config.lcd.num_ddim_timesteps}"
             if same in ablations and int(config.ablation.num_steps) == int(b.num_steps):
                 extra["LCD"] = (lcms[same], "lcm")
+                extra["LCD, mlcd sampler"] = (lcms[same], "mlcd")  # the deterministic sampler alone
             extra.update({name: (student(folder), sched) for name, (folder, sched) in beyond.items()})
         scorer = load_or_train_scorer(scorer_path, config.data.resolution)
         results = table.evaluate(config.table, teacher, lcms, scorer, workdir, config.data.resolution,
                                  ablation_steps=config.ablation.sample_steps, beyond=extra,
-                                 beyond_steps=b.sample_steps if b is not None else ())
+                                 beyond_steps=b.sample_steps if b is not None else (),
+                                 beyond_guidances=b.get("guidance_scales", ()) if b is not None else ())
         results["ablation_steps_trained"] = int(config.ablation.num_steps)
         if b is not None:
             results["beyond_steps_trained"] = int(b.num_steps)

@@ -80,33 +80,37 @@ def trajectory_mse(samples: dict[str, dict[str, np.ndarray]], reference: np.ndar
 
 def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, outdir: str,
              resolution: int, ablation_steps=(1, 2, 4), beyond: Optional[dict] = None,
-             beyond_steps=(1, 2, 4)) -> dict:
+             beyond_steps=(1, 2, 4), beyond_guidances=()) -> dict:
     """Everything in results.json. ``lcms``: {"LCM": main student, <ablation name>: student, ...};
     ``beyond``: {name: (student, scheduler)} (multistep / data-free LCD, "mlcd" or "lcm"), scored
-    over all seeds at ``beyond_steps``.
+    over all seeds at ``beyond_steps``, at the table's w and at each of ``beyond_guidances``
+    (rows "<name>, w=<w>", where guidance costs less FD).
 
     ``cfg`` is ``config.table``. All LCM pipelines should share one ``_compiled`` dict (same
     module definitions), so each (sampler, steps) compiles once.
     """
     w, per_class, seeds = float(cfg.guidance_scale), int(cfg.per_class), [int(s) for s in cfg.seeds]
     grids = os.path.join(outdir, "grids")
-    jobs = [("table", name, teacher, sched, s) for name, sched in TEACHER_ROWS.items() for s in cfg.steps]
-    jobs += [("table", "LCM", lcms["LCM"], "lcm", s) for s in cfg.steps]
-    jobs += [("ablation", name, pipe, "lcm", s) for name, pipe in lcms.items() if name != "LCM"
+    jobs = [("table", name, teacher, sched, s, w) for name, sched in TEACHER_ROWS.items() for s in cfg.steps]
+    jobs += [("table", "LCM", lcms["LCM"], "lcm", s, w) for s in cfg.steps]
+    jobs += [("ablation", name, pipe, "lcm", s, w) for name, pipe in lcms.items() if name != "LCM"
              for s in ablation_steps]
-    jobs += [("beyond", name, pipe, sched, s) for name, (pipe, sched) in (beyond or {}).items() for s in beyond_steps]
+    b_ws = [w] + [float(x) for x in beyond_guidances if float(x) != w]
+    jobs += [("beyond", name if bw == w else f"{name}, w={bw:g}", pipe, sched, s, bw)
+             for bw in b_ws for name, (pipe, sched) in (beyond or {}).items() for s in beyond_steps]
     results: dict[str, Any] = {"guidance_scale": w, "per_class": per_class, "seeds": seeds,
                                "reference_steps": int(cfg.reference_steps),
                                "table": {}, "reference": {}, "floor": {}, "ablation": {}, "beyond": {},
-                               "beyond_schedulers": {name: sched for name, (_, sched) in (beyond or {}).items()}}
+                               "beyond_schedulers": {name if bw == w else f"{name}, w={bw:g}": sched
+                                                     for bw in b_ws for name, (_, sched) in (beyond or {}).items()}}
     first: dict[str, dict[str, np.ndarray]] = {"LCM": {}, "DDIM": {}}  # seed 0's images, for trajectory_mse
-    for part, name, pipe, sched, s in tqdm.tqdm(jobs, desc="evaluate"):
+    for part, name, pipe, sched, s, job_w in tqdm.tqdm(jobs, desc="evaluate"):
         seeds_here = seeds[:1] if part == "ablation" else seeds
         results[part].setdefault(name, {})[str(s)], images = score_sampler(
-            pipe, scorer, sched, int(s), w, per_class, seeds_here,
-            os.path.join(grids, f"{name.replace(' ', '_')}_{s}steps.png"))
-        if part == "table" and name in first:
-            first[name][str(s)] = images
+            pipe, scorer, sched, int(s), job_w, per_class, seeds_here,
+            os.path.join(grids, f"{name.replace(' ', '_').replace(',', '')}_{s}steps.png"))
+        if (part == "table" and name in first) or (part == "beyond" and job_w == w):
+            first.setdefault(name, {})[str(s)] = images
     for ref_w in tqdm.tqdm(cfg.reference_guidances, desc="teacher reference"):
         name = f"DDIM-{cfg.reference_steps} w={ref_w:g}"
         seeds_here = seeds if float(ref_w) == w else seeds[:1]  # the spread matters where the table is
@@ -148,7 +152,8 @@ def markdown(results: dict) -> str:
                   "noise (MSE in [0, 1] pixels, first seed; lower = closer to the teacher's ODE solution)", "",
                   "| sampler | " + " | ".join(f"{s}-step" for s in t_steps) + " |", "|---" * (1 + len(t_steps)) + "|"]
         for name, row in results["trajectory"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[str(s)]:.4f}" for s in t_steps) + " |")
+            lines.append(f"| {name} | " + " | ".join(f"{row[str(s)]:.4f}" if str(s) in row else "" for s in t_steps)
+                         + " |")
     if results["ablation"]:
         a_steps = sorted({int(s) for row in results["ablation"].values() for s in row})
         lines += ["", f"### Ablation at a reduced budget ({results.get('ablation_steps_trained', '?')} LCD steps, "
