@@ -130,29 +130,31 @@ def run(config, workdir: str) -> str:
         if not final:
             return ""
 
+    def train_runs(runs: dict, folder: str, label: str) -> dict | None:
+        """{name: WORKDIR/folder/<name>/final}, each trained unless exported; None when pre-empted."""
+        outs = {}
+        for name, c in runs.items():
+            d = os.path.join(workdir, folder, name.replace(" ", "_").replace("=", ""))
+            out = os.path.join(d, "final")
+            if not _done(out):
+                logging.info("%s %s: %d LCD steps in %s", label, name, c.num_steps, d)
+                out = timed(f"{label} {name}", trainer.train, c, d)
+                if not out:
+                    return None
+            outs[name] = out
+        return outs
+
     # ------------------------------------------------------------------ stage 3: ablations
-    ablations = {}
-    for name, c in ablation_configs(config, teacher_dir, scorer_path).items():
-        d = os.path.join(workdir, "ablations", name.replace(" ", "_").replace("=", ""))
-        out = os.path.join(d, "final")
-        if not _done(out):
-            logging.info("ablation %s: %d LCD steps in %s", name, c.num_steps, d)
-            out = timed(f"ablation {name}", trainer.train, c, d)
-            if not out:
-                return ""
-        ablations[name] = out
+    ablations = train_runs(ablation_configs(config, teacher_dir, scorer_path), "ablations", "ablation")
+    if ablations is None:
+        return ""
 
     # ------------------------------------------------------------------ stage 3b: beyond LCM
-    beyond = {}
-    for name, c in beyond_configs(config, teacher_dir, scorer_path).items():
-        d = os.path.join(workdir, "beyond", name.replace(" ", "_").replace("=", ""))
-        out = os.path.join(d, "final")
-        if not _done(out):
-            logging.info("beyond: %s, %d steps in %s", name, c.num_steps, d)
-            out = timed(f"beyond {name}", trainer.train, c, d)
-            if not out:
-                return ""
-        beyond[name] = (out, c.sample_scheduler)
+    beyond_runs = beyond_configs(config, teacher_dir, scorer_path)
+    trained = train_runs(beyond_runs, "beyond", "beyond")
+    if trained is None:
+        return ""
+    beyond = {name: (out, beyond_runs[name].sample_scheduler) for name, out in trained.items()}
 
     # ------------------------------------------------------------------ stage 4: evaluation
     def evaluate():

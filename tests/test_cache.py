@@ -30,6 +30,20 @@ def small_config(teacher, **overrides):
     return train_config(teacher, **{"num_steps": 2, "checkpoint_every": 0, "data.split": "heldout", **overrides})
 
 
+@pytest.fixture
+def frozen_keys(monkeypatch):
+    """[(batch keys, frozen keys)] of every train step compiled in the test (what is on the devices)."""
+    seen = []
+    compile_step = loop.compile_step
+
+    def spy(step_fn, state, state_sh, example, batch_size, frozen, *a):
+        seen.append((sorted(example), sorted(frozen)))
+        return compile_step(step_fn, state, state_sh, example, batch_size, frozen, *a)
+
+    monkeypatch.setattr(loop, "compile_step", spy)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def cache(teacher, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "digits")
@@ -64,18 +78,10 @@ def test_index_and_contents(teacher, cache):
         np.testing.assert_allclose(np.stack([g[k] for g in got]), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-def test_training_from_cache_matches_images(teacher, cache, tmp_path, monkeypatch):
+def test_training_from_cache_matches_images(teacher, cache, tmp_path, frozen_keys):
     """Same seed: the cache pipeline shuffles its rows as the image pipeline shuffles the images,
     and the step draws the same latent noise, so the losses agree (up to float error); the
     cached run puts no VAE or text encoder on the devices."""
-    frozen_keys = []
-    compile_step = loop.compile_step
-
-    def spy(step_fn, state, state_sh, example, batch_size, frozen, *a):
-        frozen_keys.append((sorted(example), sorted(frozen)))
-        return compile_step(step_fn, state, state_sh, example, batch_size, frozen, *a)
-
-    monkeypatch.setattr(loop, "compile_step", spy)
     losses = {}
     for name, over in (("images", {}), ("cache", {"data.source": "cache", "data.path": cache[0]})):
         workdir = str(tmp_path / name)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lcm_jax import loop, trainer  # noqa: E402
+from lcm_jax import trainer  # noqa: E402
 from lcm_jax.data import cache as cache_lib  # noqa: E402
 from lcm_jax.data import teacher_data  # noqa: E402
 from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
+from test_cache import frozen_keys  # noqa: E402,F401  (a fixture)
 from test_train import metrics  # noqa: E402
 from test_train import small_config as train_config  # noqa: E402
 
@@ -98,18 +99,10 @@ def test_existing_cache_is_reused_or_refused(teacher, generated, tmp_path, monke
         teacher_data.teacher_data_config(small_config(teacher, **{"data.path": str(tmp_path / "junk")}), None, "")
 
 
-def test_train_from_teacher_data_end_to_end(teacher, tmp_path, monkeypatch):
+def test_train_from_teacher_data_end_to_end(teacher, tmp_path, frozen_keys, monkeypatch):
     """trainer.train generates WORKDIR/teacher_data (over a killed write's .partial), trains from it without the VAE or the text
     encoder on the devices and exports final/; a second run on that cache does not regenerate
     it and sees the same data (same losses)."""
-    frozen_keys = []
-    compile_step = loop.compile_step
-
-    def spy(step_fn, state, state_sh, example, batch_size, frozen, *a):
-        frozen_keys.append((sorted(example), sorted(frozen)))
-        return compile_step(step_fn, state, state_sh, example, batch_size, frozen, *a)
-
-    monkeypatch.setattr(loop, "compile_step", spy)
     first = str(tmp_path / "first")
     os.makedirs(os.path.join(first, "teacher_data.partial"))  # a pre-empted generation: started again
     assert trainer.train(small_config(teacher), first) == os.path.join(first, "final")

@@ -172,7 +172,7 @@ def _latent_samples(pipe, unet, params, z, scheduler, steps, guidance=4.0):
     import jax.numpy as jnp
     from lcm_jax import sampling
     from lcm_jax.pipeline import make_model_fn
-    from lcm_jax.schedules import lcm_timesteps
+    from lcm_jax.schedules import lcm_timesteps, mlcd_timesteps
     cond = jnp.repeat(pipe.encode_prompt(["a handwritten digit seven"]), z.shape[0], axis=0)
     uncond = jnp.broadcast_to(pipe.encode_prompt([""]), cond.shape)
     is_lcm = unet.config.time_cond_proj_dim is not None
@@ -180,6 +180,8 @@ def _latent_samples(pipe, unet, params, z, scheduler, steps, guidance=4.0):
     if scheduler == "lcm":
         return np.asarray(jax.jit(lambda z: sampling.lcm_sample(
             fn, z, lcm_timesteps(steps), pipe.schedule, rng=jax.random.PRNGKey(1)))(z))
+    if scheduler == "mlcd":
+        return np.asarray(jax.jit(lambda z: sampling.mlcd_sample(fn, z, mlcd_timesteps(steps), pipe.schedule))(z))
     return np.asarray(jax.jit(lambda z: sampling.ddim_sample(fn, z, pipe.schedule, steps,
                                                              timestep_spacing="trailing"))(z))
 
@@ -206,7 +208,9 @@ def test_tiny_lcd_learns_the_teacher_trajectories(teacher, tmp_path):
     ref = _latent_samples(t, t.unet, t.unet_params, z, "ddim", 50)
     mse = {(name, k): float(np.mean((_latent_samples(*args, z, name, k) - ref) ** 2))
            for k in (1, 2) for name, args in (("lcm", (s, s.unet, s.unet_params)),
+                                              ("mlcd", (s, s.unet, s.unet_params)),
                                               ("ddim", (t, t.unet, t.unet_params)))}
+    print("MSE to the teacher's DDIM-50:", mse)
     assert mse[("lcm", 1)] < 0.9 * mse[("ddim", 1)], mse
 
 
