@@ -172,7 +172,7 @@ def _latent_samples(pipe, unet, params, z, scheduler, steps, guidance=4.0):
     import jax.numpy as jnp
     from lcm_jax import sampling
     from lcm_jax.pipeline import make_model_fn
-    from lcm_jax.schedules import lcm_timesteps, mlcd_timesteps
+    from lcm_jax.schedules import lcm_timesteps
     cond = jnp.repeat(pipe.encode_prompt(["a handwritten digit seven"]), z.shape[0], axis=0)
     uncond = jnp.broadcast_to(pipe.encode_prompt([""]), cond.shape)
     is_lcm = unet.config.time_cond_proj_dim is not None
@@ -180,8 +180,6 @@ def _latent_samples(pipe, unet, params, z, scheduler, steps, guidance=4.0):
     if scheduler == "lcm":
         return np.asarray(jax.jit(lambda z: sampling.lcm_sample(
             fn, z, lcm_timesteps(steps), pipe.schedule, rng=jax.random.PRNGKey(1)))(z))
-    if scheduler == "mlcd":
-        return np.asarray(jax.jit(lambda z: sampling.mlcd_sample(fn, z, mlcd_timesteps(steps), pipe.schedule))(z))
     return np.asarray(jax.jit(lambda z: sampling.ddim_sample(fn, z, pipe.schedule, steps,
                                                              timestep_spacing="trailing"))(z))
 
@@ -194,7 +192,8 @@ def test_tiny_lcd_learns_the_teacher_trajectories(teacher, tmp_path):
     Only one step is asserted: this teacher is random, so its ODE ends far from the data
     (sample variance ~290 vs ~1 for the training latents; measured here: 1 step
     LCM 31 vs DDIM 42, 2 steps 34 vs 27, 4 steps 67 vs 13 MSE to DDIM-50) and the multistep sampler's
-    re-noised points leave what the student was trained on. The 2- and 4-step comparison
+    re-noised points leave what the student was trained on (the deterministic "mlcd" sampler,
+    which does not re-noise, measured 30.0 vs DDIM's 27.4 at 2 steps: no better). The 2- and 4-step comparison
     needs a teacher trained on the data (the digits reproduction).
     """
     from lcm_jax.pipeline import LCMPipeline
@@ -208,9 +207,7 @@ def test_tiny_lcd_learns_the_teacher_trajectories(teacher, tmp_path):
     ref = _latent_samples(t, t.unet, t.unet_params, z, "ddim", 50)
     mse = {(name, k): float(np.mean((_latent_samples(*args, z, name, k) - ref) ** 2))
            for k in (1, 2) for name, args in (("lcm", (s, s.unet, s.unet_params)),
-                                              ("mlcd", (s, s.unet, s.unet_params)),
                                               ("ddim", (t, t.unet, t.unet_params)))}
-    print("MSE to the teacher's DDIM-50:", mse)
     assert mse[("lcm", 1)] < 0.9 * mse[("ddim", 1)], mse
 
 
