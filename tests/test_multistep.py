@@ -207,3 +207,16 @@ def test_consistency_training_from_a_diffusion_model(teacher, tmp_path):
     with pytest.raises(ValueError, match="already an LCM"):
         trainer.train(small_config(final, mode="ct"), str(tmp_path / "ct2"))
     assert not os.path.exists(tmp_path / "ct2" / "checkpoints" / "0")
+
+
+def test_mlcd_configs():
+    from configs import mlcd
+    for arg in ("", "datafree"):
+        c = mlcd.get_config(arg)
+        spec = distill.DistillSpec.from_config(c)
+        assert spec.num_segments == 4 and not spec.uses_ema and c.sample_scheduler == "mlcd"
+        assert tuple(c.sample_steps) == (4,)
+    assert spec.solver_steps == 2 and spec.num_ddim_timesteps == 25 and c.data.source == "teacher"
+    assert c.data.prompts == "prompts.txt"  # a file path stays a string
+    with pytest.raises(ValueError, match="datafree"):
+        mlcd.get_config("bogus")
