@@ -110,5 +110,5 @@ def test_cli_error_exits_nonzero_with_one_line(lcm_dir, tmp_path):
     r = _run(f"--pretrained={lcm_dir}", "--prompt", "a cat", "--scheduler", "euler", "--out", str(tmp_path / "g.png"))
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == ("sample.py: error: --scheduler='euler' is not supported: "
-                                                 "expected one of lcm, ddim, dpm, dpm++")
+                                                 "expected one of lcm, mlcd, ddim, dpm, dpm++")
     assert not (tmp_path / "g.png").exists()
