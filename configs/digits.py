@@ -107,6 +107,7 @@ def get_config(arg: str = ""):
         a.num_steps, a.solvers, a.skipping_steps, a.sample_steps = 10, ("dpm++",), (), (1,)
         b.num_steps, b.segments, b.datafree_examples, b.teacher_steps, b.sample_steps = 10, (2,), 64, 2, (2,)
         b.guidance_scales = ()
+        b.datafree = False             # tests/test_teacher_data.py trains from teacher data
         e.per_class, e.seeds, e.steps = 4, (0, 1), (1, 2)
         e.reference_steps, e.reference_guidances = 2, (9.0,)
         e.classifier_steps = 50

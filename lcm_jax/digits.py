@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from typing import Optional
 
 import jax
 
@@ -37,11 +38,20 @@ def lcd_config(config, teacher: str, scorer: str):
     return c
 
 
+def _train_timesteps(config) -> int:
+    return int(config.teacher.scheduler.get("num_train_timesteps", 1000))
+
+
+def ablation_name(config, solver: str, k: Optional[int] = None) -> str:
+    """The ablation run of solver Psi and skipping step k (default: the main run's k = T / N)."""
+    return f"solver={solver} k={k or _train_timesteps(config) // config.lcd.num_ddim_timesteps}"
+
+
 def ablation_configs(config, teacher: str, scorer: str) -> dict[str, object]:
     """{name: config}: one LCD run per solver (at k = T / N of the main run) and per skipping step k
     (with DDIM), at ``config.ablation.num_steps``; the (ddim, main k) run appears once."""
     base = lcd_config(config, teacher, scorer)
-    T = 1000
+    T = _train_timesteps(config)
     main_k = T // config.lcd.num_ddim_timesteps
     runs = {}
     for solver, k in [(s, main_k) for s in config.ablation.solvers] + [("ddim", k) for k in config.ablation.skipping_steps]:
@@ -55,7 +65,7 @@ def ablation_configs(config, teacher: str, scorer: str) -> dict[str, object]:
             c.eval_every = 0
             c.sample_steps = ()  # no grids: the evaluation scores these runs
             c.checkpoint_every = config.ablation.num_steps
-        runs.setdefault(f"solver={solver} k={k}", c)
+        runs.setdefault(ablation_name(config, solver, k), c)
     return runs
 
 
@@ -168,7 +178,7 @@ def run(config, workdir: str) -> str:
         b = config.get("beyond")
         extra = {}
         if beyond:  # beside them, the LCD run of the same budget (the ablation's, when it is one)
-            same = f"solver=ddim k={1000 // config.lcd.num_ddim_timesteps}"
+            same = ablation_name(config, "ddim")
             if same in ablations and int(config.ablation.num_steps) == int(b.num_steps):
                 extra["LCD"] = (lcms[same], "lcm")
                 extra["LCD, mlcd sampler"] = (lcms[same], "mlcd")  # the deterministic sampler alone

@@ -206,12 +206,12 @@ def train(config, workdir: str) -> str:
 
     def after_step(step, state):
         if config.sample_every and step % config.sample_every == 0:
-            params = _host_params(state, config)  # every process takes part in the gather
+            params = _host_params(state, spec, config)  # every process takes part in the gather
             if is_main:
                 params = params if full is None else jax.device_get(full(pipe.unet_params, params))
                 _sample_grids(pipe, student, params, config, os.path.join(workdir, "samples", f"step_{step:07d}"))
         if evaluate is not None and step % config.eval_every == 0:
-            params = _export_params(state, config)
+            params = _export_params(state, spec, config)
             return evaluate(student, params if full is None else full(frozen["teacher"], params))
         return None
 
@@ -230,7 +230,7 @@ def train(config, workdir: str) -> str:
 
     # ------------------------------------------------------------------ export
     final = os.path.join(workdir, "final")
-    params = _host_params(state, config)
+    params = _host_params(state, spec, config)
     if is_main and spec.lora:  # the teacher's folder (base UNet, unfused) + the LoRA file
         pipe.save_pretrained(final)
         path = lora.save_lora_weights(final, params, alpha=spec.lora_alpha)
@@ -268,19 +268,19 @@ def _lora_targets(config) -> lora.Targets:
     return targets if isinstance(targets, str) else tuple(targets)
 
 
-def _export_params(state: distill.TrainState, config) -> Any:
-    """theta^- (the EMA target; default) or the online student params; without an EMA (LCM-LoRA,
-    lcd.target='online': the target is the online student) the online params."""
+def _export_params(state: distill.TrainState, spec: distill.DistillSpec, config) -> Any:
+    """theta^- (the EMA target; default ``config.export_params``) or the online student params;
+    without an EMA (``spec.uses_ema`` false: LCM-LoRA, lcd.target='online') the online params."""
     from lcm_jax.ema import ema_params
-    if distill.lora_rank(config) or config.lcd.get("target", "ema") == "online":
-        return state.params
-    return ema_params(state.opt_state) if config.get("export_params", "ema") == "ema" else state.params
+    if spec.uses_ema and config.get("export_params", "ema") == "ema":
+        return ema_params(state.opt_state)
+    return state.params
 
 
-def _host_params(state: distill.TrainState, config) -> Any:
+def _host_params(state: distill.TrainState, spec: distill.DistillSpec, config) -> Any:
     """The export params as host numpy arrays. With several processes the params span devices
     that process 0 cannot read, so every process joins an all-gather (call it on all of them)."""
-    params = _export_params(state, config)
+    params = _export_params(state, spec, config)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         return multihost_utils.process_allgather(params, tiled=True)

@@ -101,8 +101,8 @@ def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, ou
     results: dict[str, Any] = {"guidance_scale": w, "per_class": per_class, "seeds": seeds,
                                "reference_steps": int(cfg.reference_steps),
                                "table": {}, "reference": {}, "floor": {}, "ablation": {}, "beyond": {},
-                               "beyond_schedulers": {name if bw == w else f"{name}, w={bw:g}": sched
-                                                     for bw in b_ws for name, (_, sched) in (beyond or {}).items()}}
+                               "beyond_schedulers": {name: sched for part, name, _, sched, _, _ in jobs
+                                                     if part == "beyond"}}
     first: dict[str, dict[str, np.ndarray]] = {"LCM": {}, "DDIM": {}}  # seed 0's images, for trajectory_mse
     for part, name, pipe, sched, s, job_w in tqdm.tqdm(jobs, desc="evaluate"):
         seeds_here = seeds[:1] if part == "ablation" else seeds
