@@ -15,7 +15,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.pipelines import LatentConsistencyModelPipeline
 from jax.extend.core import jaxprs_in_params
 
-from lcm_jax.models import attention
+from lcm_jax.models import attention, resnet
 from lcm_jax.models.embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.weights import flax_to_torch, torch_to_flax
@@ -101,6 +101,41 @@ def test_blocked_cpu_attention_matches_diffusers(monkeypatch):
     params = _flax_params(model, sd, inputs)
     assert "platform_index" in str(jax.make_jaxpr(fwd)(params))  # the CPU/default switch is there
     np.testing.assert_allclose(np.asarray(jax.jit(fwd)(params)), _torch_forward(tm, inputs), rtol=0, atol=1e-4)
+
+
+def test_im2col_cpu_conv_matches_diffusers(monkeypatch):
+    """The CPU im2col path of the 3x3 convs (here forced on at every size and width) gives the
+    fp32 parity of the plain conv, and the params are nn.Conv's."""
+    monkeypatch.setattr(resnet, "CPU_IM2COL_MAX_PIXELS", 1 << 30)
+    monkeypatch.setattr(resnet, "CPU_IM2COL_MIN_CHANNELS", 0)
+    tm, sd, cfg, inputs = _case("sd1")
+    model = UNet2DConditionModel(cfg)
+    fwd = lambda p: model.apply({"params": p}, **inputs)  # noqa: E731  (a fresh function: no jit cache hit)
+    params = _flax_params(model, sd, inputs)
+    assert "platform_index" in str(jax.make_jaxpr(fwd)(params))  # the CPU/default switch is there
+    np.testing.assert_allclose(np.asarray(jax.jit(fwd)(params)), _torch_forward(tm, inputs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
+def test_im2col_conv_matches_lax_conv(dtype, atol):
+    """At SD's 8x8 level (640 channels: the im2col path is chosen on CPU), values and gradients."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 640), jnp.float32)
+    conv = resnet.Conv3x3(96, dtype, None)
+    ref_conv = conv.clone(conv_general_dilated=None)  # flax's own lax conv
+    params = ref_conv.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, conv.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, params)
+    assert "convolution" not in jax.jit(conv.apply).lower(params, x).as_text()  # im2col + dot here
+    out, ref = conv.apply(params, x), ref_conv.apply(params, x)
+    assert out.dtype == dtype and out.shape == (2, 8, 8, 96)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=0, atol=atol)
+    if dtype == jnp.float32:  # gradients too (training on CPU takes this path)
+        loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+        for g, g_ref in zip(jax.tree.leaves(jax.grad(loss(conv), (0, 1))(params, x)),
+                            jax.tree.leaves(jax.grad(loss(ref_conv), (0, 1))(params, x))):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-4)
+    small = resnet.Conv3x3(96, dtype, None)  # a 32x32 map keeps the lax conv
+    x32 = jnp.zeros((1, 32, 32, 640), jnp.float32)
+    assert "convolution" in jax.jit(small.apply).lower(small.init(jax.random.PRNGKey(1), x32), x32).as_text()
 
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])

@@ -1,9 +1,54 @@
-"""ResNet block shared by the UNet and the VAE (diffusers-Flax parameter names)."""
+"""ResNet block shared by the UNet and the VAE (diffusers-Flax parameter names), and its 3x3 conv."""
+import functools
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+# XLA:CPU's 3x3 conv is slow on small maps with many channels (SD's 16x16 and 8x8 levels at
+# 1280-2560 input channels: 35-105 GFLOP/s on 2 AVX-512 cores, against 250-340 at 32x32 and
+# up); the same conv as im2col + one dot runs at 150-280 there (benchmarks/README.md).
+CPU_IM2COL_MAX_PIXELS = 16 * 16
+CPU_IM2COL_MIN_CHANNELS = 512
+
+
+def _im2col_conv3x3(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """A 3x3, stride-1, padding-1 conv as one dot: lhs [B, H, W, C], rhs [3, 3, C, F] -> [B, H, W, F].
+    The nine shifted copies are concatenated in the kernel's (row, column, channel) order."""
+    b, h, w, c = lhs.shape
+    padded = jnp.pad(lhs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
+    out = lax.dot_general(cols.reshape(b * h * w, 9 * c), rhs.reshape(9 * c, -1), (((1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype).reshape(b, h, w, -1)
+
+
+def conv3x3(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+            feature_group_count=1, precision=None):
+    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: on CPU, a 3x3
+    stride-1 padding-1 NHWC conv on a map of at most CPU_IM2COL_MAX_PIXELS pixels with at least
+    CPU_IM2COL_MIN_CHANNELS input channels runs as im2col + dot (same params, same result up to
+    float32 summation order); everything else, and every other platform, is the lax conv."""
+    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                             precision=precision)
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    small = (lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+             and [tuple(p) for p in padding] == [(1, 1), (1, 1)] and feature_group_count == 1
+             and not any(d not in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+             and lhs.shape[1] * lhs.shape[2] <= CPU_IM2COL_MAX_PIXELS and lhs.shape[3] >= CPU_IM2COL_MIN_CHANNELS)
+    if not small:
+        return conv(lhs, rhs)
+    return lax.platform_dependent(lhs, rhs, cpu=_im2col_conv3x3, default=conv)
+
+
+def Conv3x3(features: int, dtype, name: str) -> nn.Conv:
+    """nn.Conv(features, (3, 3), padding 1) with ``conv3x3`` (params as nn.Conv's)."""
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, conv_general_dilated=conv3x3, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -26,13 +71,13 @@ class ResnetBlock2D(nn.Module):
         out_channels = self.out_channels or self.in_channels
         h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False, name="norm1")(x)
         h = nn.swish(h)
-        h = nn.Conv(out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv1")(h)
+        h = Conv3x3(out_channels, self.dtype, "conv1")(h)
         if self.use_temb:
             t = nn.Dense(out_channels, dtype=self.dtype, name="time_emb_proj")(nn.swish(temb))
             h = h + t[:, None, None, :]
         h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False, name="norm2")(h)
         h = nn.swish(h)
-        h = nn.Conv(out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv2")(h)
+        h = Conv3x3(out_channels, self.dtype, "conv2")(h)
         if out_channels != self.in_channels:
             x = nn.Conv(out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
         return x + h  # [B, H, W, C_out]

@@ -19,7 +19,7 @@ import numpy as np
 
 from lcm_jax.models.attention import Transformer2DModel
 from lcm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
-from lcm_jax.models.resnet import ResnetBlock2D
+from lcm_jax.models.resnet import Conv3x3, ResnetBlock2D
 
 IntOrTuple = Union[int, tuple]
 
@@ -278,7 +278,7 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, size: Optional[Sequence[int]] = None) -> jax.Array:
         x = _upsample_nearest(x, size)
-        return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
+        return Conv3x3(self.out_channels, self.dtype, "conv")(x)
 
 
 @dataclasses.dataclass(frozen=True)
