@@ -90,25 +90,17 @@ def test_matches_diffusers_fp32(name):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4)
 
 
-def test_blocked_cpu_attention_matches_diffusers(monkeypatch):
-    """The CPU path for long sequences (per head, blocks of queries; here forced on with blocks
-    of 32, so 9x12=108 tokens are padded) gives the fp32 parity of the plain one."""
-    monkeypatch.setattr(attention, "CPU_MIN_SCORES", 0)
-    monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", 32)
-    tm, sd, cfg, inputs = _case("sd2")
-    model = UNet2DConditionModel(cfg)
-    fwd = lambda p: model.apply({"params": p}, **inputs)  # noqa: E731  (a fresh function: no jit cache hit)
-    params = _flax_params(model, sd, inputs)
-    assert "platform_index" in str(jax.make_jaxpr(fwd)(params))  # the CPU/default switch is there
-    np.testing.assert_allclose(np.asarray(jax.jit(fwd)(params)), _torch_forward(tm, inputs), rtol=0, atol=1e-4)
-
-
-def test_im2col_cpu_conv_matches_diffusers(monkeypatch):
-    """The CPU im2col path of the 3x3 convs (here forced on at every size and width) gives the
-    fp32 parity of the plain conv, and the params are nn.Conv's."""
-    monkeypatch.setattr(resnet, "CPU_IM2COL_MAX_PIXELS", 1 << 30)
-    monkeypatch.setattr(resnet, "CPU_IM2COL_MIN_CHANNELS", 0)
-    tm, sd, cfg, inputs = _case("sd1")
+@pytest.mark.parametrize("module, forced, case", [
+    # per head, blocks of queries; blocks of 32, so 9x12=108 tokens are padded
+    (attention, dict(CPU_MIN_SCORES=0, CPU_QUERY_BLOCK=32), "sd2"),
+    # the 3x3 convs as im2col + dot, at every size and width
+    (resnet, dict(CPU_IM2COL_MAX_PIXELS=1 << 30, CPU_IM2COL_MIN_CHANNELS=0), "sd1"),
+], ids=["blocked_attention", "im2col_conv"])
+def test_cpu_paths_match_diffusers(monkeypatch, module, forced, case):
+    """The CPU-only fast paths (forced on here for a tiny UNet) give the fp32 parity of the plain ones."""
+    for name, value in forced.items():
+        monkeypatch.setattr(module, name, value)
+    tm, sd, cfg, inputs = _case(case)
     model = UNet2DConditionModel(cfg)
     fwd = lambda p: model.apply({"params": p}, **inputs)  # noqa: E731  (a fresh function: no jit cache hit)
     params = _flax_params(model, sd, inputs)
