@@ -10,12 +10,14 @@ diffusers ``AutoencoderKL`` state dict. Inputs and outputs are NCHW like diffuse
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcm_jax.models.attention import dot_product_attention
 from lcm_jax.models.resnet import ResnetBlock2D
 
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -138,7 +140,7 @@ class AttentionBlock(nn.Module):
         q = nn.Dense(c, dtype=self.dtype, name="query")(y)
         k = nn.Dense(c, dtype=self.dtype, name="key")(y)
         v = nn.Dense(c, dtype=self.dtype, name="value")(y)
-        y = jax.nn.dot_product_attention(q, k, v)  # [B, HW, 1, C]
+        y = dot_product_attention(q, k, v, 1.0 / math.sqrt(c))  # [B, HW, 1, C]; blocked on CPU at SD's 4096 tokens
         y = nn.Dense(c, dtype=self.dtype, name="proj_attn")(y.reshape(b, h * w, c))
         return x + y.reshape(b, h, w, c)
 
