@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-from typing import Optional
 
 import jax
 
@@ -42,9 +41,14 @@ def _train_timesteps(config) -> int:
     return int(config.teacher.scheduler.get("num_train_timesteps", 1000))
 
 
-def ablation_name(config, solver: str, k: Optional[int] = None) -> str:
-    """The ablation run of solver Psi and skipping step k (default: the main run's k = T / N)."""
-    return f"solver={solver} k={k or _train_timesteps(config) // config.lcd.num_ddim_timesteps}"
+def main_skipping_step(config) -> int:
+    """The main LCD run's skipping step k = T / N."""
+    return _train_timesteps(config) // config.lcd.num_ddim_timesteps
+
+
+def ablation_name(solver: str, k: int) -> str:
+    """The ablation run of solver Psi and skipping step k."""
+    return f"solver={solver} k={k}"
 
 
 def ablation_configs(config, teacher: str, scorer: str) -> dict[str, object]:
@@ -52,7 +56,7 @@ def ablation_configs(config, teacher: str, scorer: str) -> dict[str, object]:
     (with DDIM), at ``config.ablation.num_steps``; the (ddim, main k) run appears once."""
     base = lcd_config(config, teacher, scorer)
     T = _train_timesteps(config)
-    main_k = T // config.lcd.num_ddim_timesteps
+    main_k = main_skipping_step(config)
     runs = {}
     for solver, k in [(s, main_k) for s in config.ablation.solvers] + [("ddim", k) for k in config.ablation.skipping_steps]:
         if T % k:
@@ -65,7 +69,7 @@ def ablation_configs(config, teacher: str, scorer: str) -> dict[str, object]:
             c.eval_every = 0
             c.sample_steps = ()  # no grids: the evaluation scores these runs
             c.checkpoint_every = config.ablation.num_steps
-        runs.setdefault(ablation_name(config, solver, k), c)
+        runs.setdefault(ablation_name(solver, k), c)
     return runs
 
 
@@ -178,7 +182,7 @@ def run(config, workdir: str) -> str:
         b = config.get("beyond")
         extra = {}
         if beyond:  # beside them, the LCD run of the same budget (the ablation's, when it is one)
-            same = ablation_name(config, "ddim")
+            same = ablation_name("ddim", main_skipping_step(config))
             if same in ablations and int(config.ablation.num_steps) == int(b.num_steps):
                 extra["LCD"] = (lcms[same], "lcm")
                 extra["LCD, mlcd sampler"] = (lcms[same], "mlcd")  # the deterministic sampler alone

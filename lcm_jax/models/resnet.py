@@ -25,30 +25,22 @@ def _im2col_conv3x3(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     return out.astype(lhs.dtype).reshape(b, h, w, -1)
 
 
-def conv3x3(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-            feature_group_count=1, precision=None):
-    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``: on CPU, a 3x3
-    stride-1 padding-1 NHWC conv on a map of at most CPU_IM2COL_MAX_PIXELS pixels with at least
+def _conv3x3(lhs, rhs, window_strides, padding, **kwargs):
+    """``nn.Conv``'s ``conv_general_dilated`` for ``Conv3x3`` (whose geometry is fixed: 3x3, stride 1,
+    padding 1, NHWC): on CPU, a map of at most CPU_IM2COL_MAX_PIXELS pixels with at least
     CPU_IM2COL_MIN_CHANNELS input channels runs as im2col + dot (same params, same result up to
     float32 summation order); everything else, and every other platform, is the lax conv."""
-    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                             precision=precision)
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    small = (lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
-             and [tuple(p) for p in padding] == [(1, 1), (1, 1)] and feature_group_count == 1
-             and not any(d not in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
-             and lhs.shape[1] * lhs.shape[2] <= CPU_IM2COL_MAX_PIXELS and lhs.shape[3] >= CPU_IM2COL_MIN_CHANNELS)
-    if not small:
+    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
+    _, h, w, c = lhs.shape
+    if h * w > CPU_IM2COL_MAX_PIXELS or c < CPU_IM2COL_MIN_CHANNELS:
         return conv(lhs, rhs)
     return lax.platform_dependent(lhs, rhs, cpu=_im2col_conv3x3, default=conv)
 
 
 def Conv3x3(features: int, dtype, name: str) -> nn.Conv:
-    """nn.Conv(features, (3, 3), padding 1) with ``conv3x3`` (params as nn.Conv's)."""
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, conv_general_dilated=conv3x3, name=name)
+    """nn.Conv(features, (3, 3), padding 1), with the CPU im2col path of ``_conv3x3`` (params as nn.Conv's)."""
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, conv_general_dilated=_conv3x3,
+                   name=name)
 
 
 class ResnetBlock2D(nn.Module):
