@@ -167,16 +167,16 @@ def test_bad_config_fails_before_any_work(teacher, tmp_path, key, value, message
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def _latent_samples(pipe, unet, params, z, scheduler, steps, guidance=4.0):
-    """Final latents (no decode) of one prompt from the same initial noise z [N, 4, 8, 8]."""
+def _latent_samples(pipe, z, scheduler, steps, guidance):
+    """Final latents (no decode) of one prompt from the same initial noise z [N, 4, h, w]."""
     import jax.numpy as jnp
     from lcm_jax import sampling
     from lcm_jax.pipeline import make_model_fn
     from lcm_jax.schedules import lcm_timesteps
     cond = jnp.repeat(pipe.encode_prompt(["a handwritten digit seven"]), z.shape[0], axis=0)
     uncond = jnp.broadcast_to(pipe.encode_prompt([""]), cond.shape)
-    is_lcm = unet.config.time_cond_proj_dim is not None
-    fn = make_model_fn(unet, params, cond, None if is_lcm else uncond, jnp.float32(guidance))
+    is_lcm = pipe.unet.config.time_cond_proj_dim is not None
+    fn = make_model_fn(pipe.unet, pipe.unet_params, cond, None if is_lcm else uncond, jnp.float32(guidance))
     if scheduler == "lcm":
         return np.asarray(jax.jit(lambda z: sampling.lcm_sample(
             fn, z, lcm_timesteps(steps), pipe.schedule, rng=jax.random.PRNGKey(1)))(z))
@@ -184,31 +184,44 @@ def _latent_samples(pipe, unet, params, z, scheduler, steps, guidance=4.0):
                                                              timestep_spacing="trailing"))(z))
 
 
-@pytest.mark.slow
-def test_tiny_lcd_learns_the_teacher_trajectories(teacher, tmp_path):
-    """200 real LCD steps: the loss falls and the 1-step LCM sample lands closer to the
-    teacher's 50-step DDIM+CFG sample (same noise) than the teacher's own 1-step DDIM does.
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    """A small teacher trained on the digits (configs/digits.py:smoke's modules, 200 autoencoder
+    and 400 UNet steps: about 45 s), saved in diffusers layout."""
+    from configs.digits import get_config
+    from lcm_jax.teacher import train_teacher
+    c = get_config("smoke")
+    c.teacher.vae.num_steps, c.teacher.unet.num_steps = 200, 400
+    c.mesh.data = 1
+    return train_teacher(c, str(tmp_path_factory.mktemp("trained_teacher")))
 
-    Only one step is asserted: this teacher is random, so its ODE ends far from the data
-    (sample variance ~290 vs ~1 for the training latents; measured here: 1 step
-    LCM 31 vs DDIM 42, 2 steps 34 vs 27, 4 steps 67 vs 13 MSE to DDIM-50) and the multistep sampler's
-    re-noised points leave what the student was trained on (the deterministic "mlcd" sampler,
-    which does not re-noise, measured 30.0 vs DDIM's 27.4 at 2 steps: no better). The 2- and 4-step comparison
-    needs a teacher trained on the data (the digits reproduction).
+
+@pytest.mark.slow
+def test_tiny_lcd_follows_the_teacher_trajectories(trained_teacher, tmp_path):
+    """configs/tiny.py's 200 LCD steps: the loss falls, and the 1- and 2-step LCM samples land
+    closer (latent MSE) to the teacher's 50-step DDIM+CFG sample from the same noise than the
+    teacher's own 1- and 2-step DDIM, at the config's sample guidance w = 8 (measured: 7.2 / 3.5
+    vs 40 / 15; at w = 4, 5.7 / 2.3 vs 13 / 3.1). At 4 steps DDIM is closer (2.4 vs LCM's 3.3).
+
+    The teacher is trained, not configs/tiny.py's random one. A random teacher's ODE ends far
+    from the data (sample variance ~290 vs ~1 for the training latents), so the multistep
+    sampler's re-noised points start new trajectories with other ends; measured on it: 2 steps
+    LCM 34 vs DDIM 27 (the deterministic "mlcd" sampler 30.0 vs 27.4).
     """
     from lcm_jax.pipeline import LCMPipeline
-    cfg = small_config(teacher, num_steps=200, log_every=10, checkpoint_every=1000)
+    cfg = small_config(trained_teacher, num_steps=200, log_every=10, checkpoint_every=1000)
     final = trainer.train(cfg, str(tmp_path))
     losses = [r["loss"] for r in metrics(str(tmp_path))]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
-    t = LCMPipeline.from_pretrained(teacher)
+    t = LCMPipeline.from_pretrained(trained_teacher)
     s = LCMPipeline.from_pretrained(final)
-    z = np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float32)
-    ref = _latent_samples(t, t.unet, t.unet_params, z, "ddim", 50)
-    mse = {(name, k): float(np.mean((_latent_samples(*args, z, name, k) - ref) ** 2))
-           for k in (1, 2) for name, args in (("lcm", (s, s.unet, s.unet_params)),
-                                              ("ddim", (t, t.unet, t.unet_params)))}
-    assert mse[("lcm", 1)] < 0.9 * mse[("ddim", 1)], mse
+    h = cfg.data.resolution // t.vae.config.downsample_factor
+    z = np.random.default_rng(0).standard_normal((64, t.unet.config.in_channels, h, h)).astype(np.float32)
+    w = cfg.sample_guidance
+    ref = _latent_samples(t, z, "ddim", 50, w)
+    mse = {(name, k): float(np.mean((_latent_samples(pipe, z, name, k, w) - ref) ** 2))
+           for k in (1, 2) for name, pipe in (("lcm", s), ("ddim", t))}
+    assert mse[("lcm", 1)] < 0.5 * mse[("ddim", 1)] and mse[("lcm", 2)] < 0.5 * mse[("ddim", 2)], mse
 
 
 def _write_folder(folder, n=24):
