@@ -1,4 +1,5 @@
 """The real train loop (configs/tiny.py) on CPU: export, resume, sharding, faults, errors."""
+import contextlib
 import json
 import os
 import sys
@@ -184,16 +185,29 @@ def _latent_samples(pipe, z, scheduler, steps, guidance):
                                                              timestep_spacing="trailing"))(z))
 
 
+@contextlib.contextmanager
+def xla_optimized():
+    """XLA's default optimizations for a long run: conftest turns most of them off, which
+    compiles fast but runs hundreds of train steps about twice as slowly."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture(scope="module")
 def trained_teacher(tmp_path_factory):
     """A small teacher trained on the digits (configs/digits.py:smoke's modules, 200 autoencoder
-    and 400 UNet steps: about 45 s), saved in diffusers layout."""
+    and 400 UNet steps: about 50 s here), saved in diffusers layout."""
     from configs.digits import get_config
     from lcm_jax.teacher import train_teacher
     c = get_config("smoke")
     c.teacher.vae.num_steps, c.teacher.unet.num_steps = 200, 400
     c.mesh.data = 1
-    return train_teacher(c, str(tmp_path_factory.mktemp("trained_teacher")))
+    with xla_optimized():
+        return train_teacher(c, str(tmp_path_factory.mktemp("trained_teacher")))
 
 
 @pytest.mark.slow
@@ -210,7 +224,8 @@ def test_tiny_lcd_follows_the_teacher_trajectories(trained_teacher, tmp_path):
     """
     from lcm_jax.pipeline import LCMPipeline
     cfg = small_config(trained_teacher, num_steps=200, log_every=10, checkpoint_every=1000)
-    final = trainer.train(cfg, str(tmp_path))
+    with xla_optimized():
+        final = trainer.train(cfg, str(tmp_path))
     losses = [r["loss"] for r in metrics(str(tmp_path))]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
     t = LCMPipeline.from_pretrained(trained_teacher)
