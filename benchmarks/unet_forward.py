@@ -8,6 +8,7 @@ max |jax - torch| of the outputs. See benchmarks/README.md.
     python benchmarks/unet_forward.py                 # small + SD-size UNet and VAE decode
     python benchmarks/unet_forward.py --quick         # no SD-size VAE, fewer repeats
     python benchmarks/unet_forward.py --sizes small --models unet --dtypes float32
+    python benchmarks/unet_forward.py --convs --dtypes float32   # per-op 3x3 conv rates instead
 """
 from __future__ import annotations
 
@@ -161,6 +162,40 @@ def torch_conv_flops_per_s(tdtype, repeats: int = 3) -> float:
     return 2.0 * 128 * 128 * 9 * 32 * 32 / t
 
 
+# SD's 3x3 convs (map side, in, out): the UNet's four levels (and their up-block concat widths),
+# then the VAE decoder's. The rates behind resnet.py's CPU im2col rule.
+CONV_SHAPES = ((8, 1280, 1280), (8, 2560, 1280), (16, 1280, 1280), (16, 2560, 1280), (32, 640, 640),
+               (32, 1280, 640), (64, 320, 320), (64, 640, 320), (64, 512, 512), (128, 512, 512),
+               (256, 256, 256), (512, 128, 128))
+
+
+def conv_rates(jdtype, tdtype, hw: int, cin: int, cout: int, repeats: int = 3) -> tuple[float, float, float]:
+    """FLOP/s of one 3x3 stride-1 conv on a [1, hw, hw, cin] map: XLA's conv, the im2col + dot of
+    ``resnet._im2col_conv3x3`` (called directly, whatever the platform rule), torch's conv2d."""
+    from jax import lax
+    from lcm_jax.models.resnet import _im2col_conv3x3
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, hw, hw, cin), dtype=np.float32)
+    w = rng.standard_normal((3, 3, cin, cout), dtype=np.float32)
+    xj, wj = jnp.asarray(x).astype(jdtype), jnp.asarray(w).astype(jdtype)
+    conv = jax.jit(functools.partial(lax.conv_general_dilated, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    im2col = jax.jit(_im2col_conv3x3)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(tdtype)
+    wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).to(tdtype)
+    fns = (lambda: conv(xj, wj).block_until_ready(), lambda: im2col(xj, wj).block_until_ready(),
+           lambda: torch.nn.functional.conv2d(xt, wt, padding=1))
+    flops = 2.0 * hw * hw * cin * cout * 9
+    with torch.inference_mode():
+        for fn in fns:
+            fn()
+        times = [[], [], []]
+        for _ in range(repeats):  # interleaved
+            for t, fn in zip(times, fns):
+                t.append(_time_once(fn))
+    return tuple(flops / statistics.median(t) for t in times)
+
+
 def run_case(case: Case, dtype_name: str, repeats: int, matmul_rate: float, torch_budget_s: float,
              torch_conv_rate: float) -> dict:
     jdtype, tdtype = DTYPES[dtype_name]
@@ -227,6 +262,8 @@ def main(argv=None) -> None:
     p.add_argument("--torch-budget", type=float, default=600.0,
                    help="skip a torch run whose estimated time (XLA FLOPs / torch's measured 3x3-conv "
                         "FLOP/s in that dtype) exceeds this many seconds, and print the estimate (~)")
+    p.add_argument("--convs", action="store_true",
+                   help="print GFLOP/s of SD's 3x3 convs (XLA conv, im2col + dot, torch) instead of the models")
     args = p.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to()
@@ -248,6 +285,15 @@ def main(argv=None) -> None:
         rates[d] = (jm, tc)
         print(f"# {d}: matmul jax (2048^3) {jm / 1e9:.1f} GFLOP/s, torch ({tn}^3) {tmm / 1e9:.1f} GFLOP/s; "
               f"torch 3x3 conv (128ch, 32x32) {tc / 1e9:.1f} GFLOP/s", flush=True)
+
+    if args.convs:
+        print(f"# 3x3 conv GFLOP/s (median of 3): {'map, in -> out':>22} {'xla conv':>9} {'im2col':>7} {'torch':>6}")
+        for d in dtypes:
+            for hw, cin, cout in CONV_SHAPES:
+                rates_ = conv_rates(*DTYPES[d], hw, cin, cout)
+                print(f"# {d:>8} {f'{hw}x{hw}, {cin} -> {cout}':>22} " +
+                      " ".join(f"{r / 1e9:{n}.0f}" for r, n in zip(rates_, (9, 7, 6))), flush=True)
+        return
 
     plan = []
     for m in args.models.split(","):
