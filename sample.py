@@ -33,9 +33,12 @@ _WIDTH = flags.DEFINE_integer("width", None, "image width (default: as height)")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 or bfloat16 compute")
 _OUT = flags.DEFINE_string("out", "grid.png", "PNG grid to write")
 _SAVE_NPZ = flags.DEFINE_string("save_npz", None, "optional .npz with `images` and `prompts`")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks for user errors (a bad path, file or value)")
+
+from lcm_jax.errors import UserError, run_cli  # noqa: E402  (light: no jax)
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A bad command line: reported as one line before any model is loaded."""
 
 
@@ -73,6 +76,8 @@ def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> list[st
 
 
 def _check_output(path: str, flag: str, suffix: str) -> None:
+    """The exact file must be writable now, so no sampling is lost at the end: opened for append
+    (an existing file is not changed), and removed again if it did not exist."""
     if not path.lower().endswith(suffix):
         raise SampleError(f"--{flag}={path!r} must end in {suffix}")
     if os.path.isdir(path):
@@ -82,8 +87,15 @@ def _check_output(path: str, flag: str, suffix: str) -> None:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise SampleError(f"--{flag}={path!r}: cannot create its folder {parent!r}: {e}") from e
-    if not os.access(parent, os.W_OK):
-        raise SampleError(f"--{flag}={path!r}: folder {parent!r} is not writable")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise SampleError(f"--{flag}={path!r} cannot be written ({e.strerror or e}): expected a writable {suffix} "
+                          "path") from e
+    if not existed:
+        os.remove(path)
 
 
 def check_args(args: SampleArgs) -> list[str]:
@@ -111,8 +123,14 @@ def check_args(args: SampleArgs) -> list[str]:
             weights.read_config(os.path.join(args.pretrained, "scheduler"), "scheduler_config.json"))
         factor = VAEConfig.from_diffusers_config(
             weights.read_config(os.path.join(args.pretrained, "vae"))).downsample_factor
+        is_lcm = weights.read_config(os.path.join(args.pretrained, "unet")).get("time_cond_proj_dim") is not None
+        guidance_range = pipeline.read_guidance_range(args.pretrained)
     except (ValueError, FileNotFoundError) as e:  # (json errors are ValueErrors)
         raise SampleError(f"--pretrained={args.pretrained!r}: {e}") from e
+    try:
+        pipeline.check_guidance(args.guidance, is_lcm, guidance_range)
+    except ValueError as e:
+        raise SampleError(f"--guidance: {e}") from e
     if args.scheduler in pipeline.CONSISTENCY_SCHEDULERS and args.steps > sched.original_inference_steps:
         raise SampleError(f"--steps={args.steps} is more than the LCM schedule's original_inference_steps="
                           f"{sched.original_inference_steps}")
@@ -191,10 +209,7 @@ def args_from_flags() -> SampleArgs:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"sample.py: error: unexpected arguments {list(argv[1:])} (quote prompts: --prompt \"...\")")
-    try:
-        run(args_from_flags())
-    except SampleError as e:
-        raise SystemExit(f"sample.py: error: {e}") from None
+    run_cli("sample.py", lambda: run(args_from_flags()), _VERBOSE.value)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Keys every training config has (DESIGN.md, "Configs"); experiments override values."""
+"""Keys every training config has (ARCHITECTURE.md, "Conventions"); experiments override values."""
 import ml_collections
 
 from lcm_jax.lora import LCM_LORA_TARGETS

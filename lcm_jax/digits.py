@@ -17,6 +17,7 @@ import time
 
 import jax
 
+from lcm_jax import atomic
 from lcm_jax import teacher as teacher_lib
 from lcm_jax import trainer
 from lcm_jax.eval import table
@@ -110,7 +111,8 @@ def beyond_configs(config, teacher: str, scorer: str) -> dict[str, object]:
 
 
 def run(config, workdir: str) -> str:
-    """All stages; returns WORKDIR/results.md, or "" when pre-empted (rerun to continue)."""
+    """All stages; returns WORKDIR/results.md. A signal raises ``errors.Interrupted`` with the
+    current stage's step saved: rerun to continue."""
     os.makedirs(workdir, exist_ok=True)
     if not jax.config.jax_compilation_cache_dir:  # the ablations and the evaluation recompile the
         # main run's programs (same shapes, other params): JAX's persistent cache serves them, and a rerun
@@ -122,30 +124,24 @@ def run(config, workdir: str) -> str:
     def timed(name, fn, *args):
         t0 = time.time()
         out = fn(*args)
-        if out:
-            timings[name] = timings.get(name, 0.0) + time.time() - t0
-            if jax.process_index() == 0:
-                with open(timings_path, "w") as f:
-                    json.dump(timings, f, indent=2)
+        timings[name] = timings.get(name, 0.0) + time.time() - t0
+        if jax.process_index() == 0:
+            with atomic.file(timings_path) as tmp, open(tmp, "w") as f:  # read back by every rerun
+                json.dump(timings, f, indent=2)
         return out
 
     # ------------------------------------------------------------------ stage 1: teacher
     teacher_dir = timed("teacher", teacher_lib.train_teacher, config, workdir)
-    if not teacher_dir:
-        return ""
     scorer_path = os.path.join(workdir, "scorer.safetensors")
-    timed("scorer", lambda: load_or_train_scorer(scorer_path, config.data.resolution,
-                                                 config.table.classifier_steps) and scorer_path)
+    timed("scorer", load_or_train_scorer, scorer_path, config.data.resolution, config.table.classifier_steps)
 
     # ------------------------------------------------------------------ stage 2: LCD
     final = os.path.join(workdir, "final")
     if not _done(final):
         final = timed("lcd", trainer.train, lcd_config(config, teacher_dir, scorer_path), workdir)
-        if not final:
-            return ""
 
-    def train_runs(runs: dict, folder: str, label: str) -> dict | None:
-        """{name: WORKDIR/folder/<name>/final}, each trained unless exported; None when pre-empted."""
+    def train_runs(runs: dict, folder: str, label: str) -> dict:
+        """{name: WORKDIR/folder/<name>/final}, each trained unless exported."""
         outs = {}
         for name, c in runs.items():
             d = os.path.join(workdir, folder, name.replace(" ", "_").replace("=", ""))
@@ -153,21 +149,15 @@ def run(config, workdir: str) -> str:
             if not _done(out):
                 logging.info("%s %s: %d LCD steps in %s", label, name, c.num_steps, d)
                 out = timed(f"{label} {name}", trainer.train, c, d)
-                if not out:
-                    return None
             outs[name] = out
         return outs
 
     # ------------------------------------------------------------------ stage 3: ablations
     ablations = train_runs(ablation_configs(config, teacher_dir, scorer_path), "ablations", "ablation")
-    if ablations is None:
-        return ""
 
     # ------------------------------------------------------------------ stage 3b: beyond LCM
     beyond_runs = beyond_configs(config, teacher_dir, scorer_path)
     trained = train_runs(beyond_runs, "beyond", "beyond")
-    if trained is None:
-        return ""
     beyond = {name: (out, beyond_runs[name].sample_scheduler) for name, out in trained.items()}
 
     # ------------------------------------------------------------------ stage 4: evaluation

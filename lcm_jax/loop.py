@@ -18,10 +18,16 @@ import tqdm
 
 from lcm_jax import distill, sharding
 from lcm_jax.checkpoint import Checkpointer, abstract_like
+from lcm_jax.errors import Interrupted, UserError
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient."""
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or gradient. ``last_good_step``: the newest checkpoint
+    whose successor step was finite (None: none is left), which a rerun resumes from."""
+
+    def __init__(self, message: str, step: int, last_good_step: Optional[int] = None):
+        super().__init__(message)
+        self.step, self.last_good_step = step, last_good_step
 
 
 def init_sharded(params: Any, tx, seed: int, mesh) -> tuple[distill.TrainState, Any]:
@@ -53,8 +59,7 @@ def check_finite(step: int, metrics: dict) -> None:
     if not bool(jax.device_get(metrics["finite"])):
         m = jax.device_get(metrics)
         raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
-                             f"grad_norm={float(m['grad_norm'])}); stopping. Checkpoints already "
-                             "written are untouched; lower learning_rate or check the data.")
+                             f"grad_norm={float(m['grad_norm'])})", step)
 
 
 class MetricWriter:
@@ -81,31 +86,70 @@ class MetricWriter:
 def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: Any, *, mesh, num_steps: int,
              log_every: int, ckpt: Checkpointer, config_dict: dict, desc: str,
              writer: Optional[MetricWriter] = None, lr_fn: Optional[Callable[[int], float]] = None,
-             after_step: Optional[Callable[[int, Any], Optional[dict]]] = None) -> tuple[Any, bool]:
-    """Run ``compiled(state, batch, frozen) -> (state, metrics)`` up to ``num_steps``.
+             after_step: Optional[Callable[[int, Any], Optional[dict]]] = None,
+             teacher: Optional[dict] = None) -> Any:
+    """Run ``compiled(state, batch, frozen) -> (state, metrics)`` up to ``num_steps``; the final state.
 
     ``batches`` has ``state()`` (its position, saved with every checkpoint). ``after_step(step,
     state)`` may return extra scalars (an in-loop evaluation) for the log and the progress bar.
-    Returns (state, preempted): on SIGTERM the current step is saved and the loop returns early.
-    A non-finite loss raises NonFiniteError; checkpoints already written stay.
+    ``teacher``: the pretrained folder's fingerprint, saved with every checkpoint.
+    SIGINT or SIGTERM: the current step is saved and ``Interrupted`` raised (a second SIGINT
+    aborts at once). A non-finite loss at step t raises NonFiniteError: the checkpoint of step
+    t - 1, the state that produced it, is moved aside (``Checkpointer.quarantine``); older
+    checkpoints are pruned only once a newer one is known good, so the newest good one stays.
     """
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt now
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     start = int(jax.device_get(state.step))
-    pending: Optional[tuple[int, dict]] = None
+    pending: Optional[tuple[int, dict]] = None  # (step, metrics) not yet checked finite
+    unconfirmed: Optional[int] = None  # a saved step whose successor is not yet checked
     bar = tqdm.tqdm(total=num_steps, initial=start, disable=jax.process_index() != 0, desc=desc)
     postfix: dict = {}
     t_last, n_last = time.time(), start
+
+    def check(step: int, metrics: dict) -> None:
+        """Raise on a non-finite step (after moving its predecessor's checkpoint aside); else the
+        predecessor's checkpoint is known good."""
+        nonlocal unconfirmed
+        try:
+            check_finite(step, metrics)
+        except NonFiniteError as e:
+            moved = ckpt.quarantine(step - 1)
+            good = ckpt.steps()
+            e.last_good_step = max(good) if good else None
+            where = (f"; the checkpoint of step {step - 1}, whose state produced it, was moved to {moved[0]}"
+                     if moved else "")
+            raise NonFiniteError(
+                f"{e}{where}; the newest good checkpoint is "
+                f"{f'step {e.last_good_step}' if good else 'none (a rerun starts from step 0)'}: rerun with a lower "
+                "learning_rate (or check the data) to resume from it", step, e.last_good_step) from None
+        if unconfirmed is not None and step > unconfirmed:
+            unconfirmed = None
+
+    def save(step: int) -> None:
+        """Prune first (orbax waits for the previous async save here anyway): every step on disk
+        is known good then, and the newest ``keep`` of them stay beside the one being written."""
+        nonlocal unconfirmed
+        if unconfirmed is None:
+            ckpt.prune()
+        ckpt.save(step, state, batches.state(), config_dict, teacher)
+        unconfirmed = step
+
     try:
         for step in range(start + 1, num_steps + 1):
             batch = sharding.global_batch(next(batches), mesh)
             state, metrics = compiled(state, batch, frozen)
             if pending is not None:  # check the previous step while this one runs
-                check_finite(*pending)
+                check(*pending)
             pending = (step, metrics)
             if step % log_every == 0 or step == num_steps:
                 m = jax.device_get(metrics)
-                check_finite(step, m)
+                check(step, m)
                 rate = (step - n_last) / max(time.time() - t_last, 1e-9)
                 t_last, n_last = time.time(), step
                 postfix.update(loss=f"{m['loss']:.4g}", steps_per_s=f"{rate:.2f}")
@@ -127,16 +171,19 @@ def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: An
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if (ckpt.every > 0 and step % ckpt.every == 0) or stop["signal"] is not None:
-                check_finite(*pending)
-                ckpt.save(step, state, batches.state(), config_dict, force=True)
+                check(*pending)
+                save(step)
             if stop["signal"] is not None:
                 logging.warning("received signal %s: saved step %d, exiting", stop["signal"], step)
-                return state, True
+                ckpt.wait()
+                raise Interrupted(stop["signal"], step)
         if pending is not None:
-            check_finite(*pending)
-        ckpt.save(num_steps, state, batches.state(), config_dict, force=True)
-        return state, False
+            check(*pending)
+        save(num_steps)
+        ckpt.prune()  # the end: no successor to wait for, the final state is what is exported
+        return state
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         ckpt.wait()

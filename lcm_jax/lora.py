@@ -353,6 +353,10 @@ def lora_from_state_dict(state: Mapping[str, Any], params: Params,
         if part in parts.setdefault(name, {}):
             problems.append(f"{key}: module {name!r} already has a {part} tensor ({parts[name][part][0]})")
             continue
+        t = np.asarray(t)
+        if part != "alpha" and not weights.is_float(t.dtype):  # cast to float, an int/bool weight is garbage
+            problems.append(f"{key}: dtype {t.dtype}, expected a float tensor")
+            continue
         parts[name][part] = (key, np.asarray(t, np.float32))
 
     lora = {}
@@ -427,9 +431,12 @@ def lora_file(path: str, weight_name: Optional[str] = None) -> str:
 
 def load_lora(path_or_state: Union[str, Mapping[str, Any]], params: Params,
               weight_name: Optional[str] = None) -> Lora:
-    """A LoRA tree for ``params`` from a safetensors file, a folder holding one, or a state dict."""
+    """A LoRA tree for ``params`` from a safetensors file, a folder holding one, or a state dict
+    (NaN or inf values load with a warning naming the tensors)."""
     if not isinstance(path_or_state, (str, os.PathLike)):
-        return lora_from_state_dict({k: np.asarray(v) for k, v in path_or_state.items()}, params)
+        state = {k: np.asarray(v) for k, v in path_or_state.items()}
+        weights.warn_nonfinite(state, "LoRA state dict")
+        return lora_from_state_dict(state, params)
     path = lora_file(os.fspath(path_or_state), weight_name)
     if path.endswith(PICKLE_SUFFIXES):
         raise LoraError(f"{path!r} is a pickled PyTorch file: LoRA weights are read from .safetensors only "

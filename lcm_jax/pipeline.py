@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -30,6 +31,7 @@ CONSISTENCY_SCHEDULERS = ("lcm", "mlcd")  # the student samplers (the others: th
 OUTPUT_TYPES = ("uint8", "np", "latent")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose loaders read what we write
+TRAINING_FILE = "training.json"  # the trainer's record beside an exported LCM: {"guidance_range": [lo, hi]}
 
 
 def resolve_dtype(dtype: Union[str, Any]) -> Any:
@@ -57,6 +59,40 @@ def check_pipeline_folder(path: str) -> None:
                                 f"{' and '.join(c + '/' for c in SDXL_COMPONENTS)}")
 
 
+def check_guidance(guidance_scale: float, embeds_guidance: bool,
+                   guidance_range: Optional[tuple[float, float]] = None) -> None:
+    """A clear error for a guidance scale no sampler means, a warning outside the trained range.
+
+    ``embeds_guidance``: an LCM UNet, which takes omega = w - 1 through its embedding; its
+    ``guidance_range`` (w) is what it was trained on, when its folder records it. Otherwise w is
+    CFG's scale: 1 (or 0, as diffusers' guidance-free pipelines pass it) means no guidance.
+    """
+    w = float(guidance_scale)
+    if not np.isfinite(w):
+        raise ValueError(f"guidance_scale={w}: expected a finite number")
+    if not embeds_guidance:
+        if w != 0.0 and w < 1.0:
+            raise ValueError(f"guidance_scale={w}: classifier-free guidance needs w >= 1 (1, or 0, means none)")
+        return
+    trained = "" if guidance_range is None else f" (this LCM was trained on w in [{guidance_range[0]:g}, {guidance_range[1]:g}])"
+    if w < min(1.0, guidance_range[0] if guidance_range else 1.0):
+        raise ValueError(f"guidance_scale={w}: an LCM embeds omega = w - 1, expected w >= 1{trained}")
+    if guidance_range is not None and not guidance_range[0] <= w <= guidance_range[1]:
+        logging.warning("guidance_scale=%g is outside the range this LCM was trained on, w in [%g, %g]",
+                        w, *guidance_range)
+
+
+def read_guidance_range(path: str) -> Optional[tuple[float, float]]:
+    """The trained w range a pipeline folder records (TRAINING_FILE), or None."""
+    if not os.path.isfile(os.path.join(path, TRAINING_FILE)):
+        return None
+    record = weights.read_config(path, TRAINING_FILE)
+    lo_hi = record.get("guidance_range")
+    if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(v, (int, float)) for v in lo_hi)):
+        raise weights.WeightsError(f"{os.path.join(path, TRAINING_FILE)}: guidance_range {lo_hi!r}, expected [lo, hi]")
+    return float(lo_hi[0]), float(lo_hi[1])
+
+
 def _init_shapes(module, *args, method=None):
     """Param shapes of ``module`` without allocating (for strict weight loading)."""
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, method=method))["params"]
@@ -81,7 +117,8 @@ def text_shapes(te: CLIPTextModel) -> Any:
 
 
 def _load_text_encoder(folder: str, dtype: Any) -> tuple[CLIPTextModel, Any]:
-    te = CLIPTextModel(CLIPTextConfig.from_transformers_config(weights.read_config(folder)), dtype=dtype)
+    source = os.path.join(folder, "config.json")
+    te = CLIPTextModel(CLIPTextConfig.from_transformers_config(weights.read_config(folder), source), dtype=dtype)
     params, _ = weights.load_params(folder, text_shapes(te))
     return te, params
 
@@ -115,6 +152,7 @@ class LCMPipeline:
     text_params_2: Any = None
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = True
+    guidance_range: Optional[tuple[float, float]] = None  # an LCM's trained w range (TRAINING_FILE), if known
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     # LoRA adapters (lcm_jax.lora trees, alpha folded in): name -> tree; the active ones and
     # their strengths (merged inside the jitted sampler unless fused); name -> scale fused
@@ -153,7 +191,8 @@ class LCMPipeline:
         dtype = resolve_dtype(dtype)
         check_pipeline_folder(path)
         unet_cfg = weights.read_config(os.path.join(path, "unet"))
-        unet_cfg = UNetConfig.from_diffusers_config({**unet_cfg, **(unet_overrides or {})})
+        unet_cfg = UNetConfig.from_diffusers_config({**unet_cfg, **(unet_overrides or {})},
+                                                    os.path.join(path, "unet", "config.json"))
         unet = UNet2DConditionModel(unet_cfg, dtype=dtype, zero_init_cond_proj=zero_init_cond_proj)
         new_cond_proj = [("time_embedding", "cond_proj", "kernel")] if unet_overrides else []
         unet_params, missing = weights.load_params(os.path.join(path, "unet"), unet_shapes(unet),
@@ -161,8 +200,8 @@ class LCMPipeline:
         if missing:
             unet_params["time_embedding"]["cond_proj"] = init_cond_proj(unet_cfg, zero_init_cond_proj)
 
-        vae = AutoencoderKL(VAEConfig.from_diffusers_config(weights.read_config(os.path.join(path, "vae"))),
-                            dtype=dtype)
+        vae = AutoencoderKL(VAEConfig.from_diffusers_config(weights.read_config(os.path.join(path, "vae")),
+                                                            os.path.join(path, "vae", "config.json")), dtype=dtype)
         vae_params, _ = weights.load_params(os.path.join(path, "vae"), vae_shapes(vae))
         text_encoder, text_params = _load_text_encoder(os.path.join(path, "text_encoder"), dtype)
         tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
@@ -176,7 +215,8 @@ class LCMPipeline:
                         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
         sched = weights.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         NoiseSchedule.from_scheduler_config(sched)  # validate now, not at the first call
-        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype, **sdxl)
+        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype, **sdxl,
+                   guidance_range=read_guidance_range(path))
 
     @property
     def is_lcm(self) -> bool:
@@ -227,6 +267,9 @@ class LCMPipeline:
                          force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
         with open(os.path.join(out_dir, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
+        if self.guidance_range is not None:
+            with open(os.path.join(out_dir, TRAINING_FILE), "w") as f:
+                json.dump({"guidance_range": list(self.guidance_range)}, f, indent=2)
 
     # ------------------------------------------------------------------ LoRA (diffusers' names)
 
@@ -378,6 +421,7 @@ class LCMPipeline:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if int(num_images_per_prompt) < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        check_guidance(guidance_scale, self.is_lcm, self.guidance_range)
         f = self.vae_scale_factor
         sample_size = self.unet.config.sample_size
         sample_size = sample_size[0] if isinstance(sample_size, tuple) else (sample_size or 64)

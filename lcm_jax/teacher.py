@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from lcm_jax import atomic
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import distill, loop, sharding
 from lcm_jax.data.batcher import Batcher
@@ -101,10 +102,10 @@ def fit_step(state: distill.TrainState, batch: dict, frozen: Any, *, loss_fn: Ca
 # --------------------------------------------------------------------------- the loop around them
 
 def fit(loss_fn: Callable, params: Any, frozen: Any, batches: Batcher, stage, directory: str, mesh,
-        desc: str) -> Optional[Any]:
+        desc: str) -> Any:
     """Train ``params`` on ``loss_fn`` for ``stage.num_steps``, resumable from ``directory``.
 
-    Returns the EMA params (host numpy), or None when pre-empted (a checkpoint was saved).
+    Returns the EMA params (host numpy); a signal raises ``errors.Interrupted`` (its step saved).
     """
     stage = stage_config(stage)
     tx = distill.make_optimizer(stage, stage.ema_decay, ema_warmup=True)  # from scratch: diffusers' EMAModel
@@ -113,6 +114,7 @@ def fit(loss_fn: Callable, params: Any, frozen: Any, batches: Batcher, stage, di
     frozen = sharding.put(frozen, frozen_sh)
     config_dict = stage.to_dict()
     ckpt = ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints"), keep=1, every=stage.checkpoint_every)
+    ckpt.check_within(stage.num_steps)
     restored = ckpt.restore(ckpt_lib.abstract_like(state, state_sh), config_dict)
     if restored is not None:
         state, data_state, step = restored
@@ -123,14 +125,14 @@ def fit(loss_fn: Callable, params: Any, frozen: Any, batches: Batcher, stage, di
                                  example, stage.batch_size, frozen, frozen_sh, mesh)
     writer = loop.MetricWriter(directory) if jax.process_index() == 0 else None
     try:
-        state, preempted = loop.run_loop(compiled, state, batches, frozen, mesh=mesh, num_steps=stage.num_steps,
+        state = loop.run_loop(compiled, state, batches, frozen, mesh=mesh, num_steps=stage.num_steps,
                                          log_every=stage.log_every, ckpt=ckpt, config_dict=config_dict,
                                          desc=desc, writer=writer, lr_fn=distill.lr_schedule(stage))
     finally:
         if writer is not None:
             writer.close()
         ckpt.close()
-    return None if preempted else jax.device_get(ema_params(state.opt_state))
+    return jax.device_get(ema_params(state.opt_state))
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -164,8 +166,9 @@ def latent_scaling_factor(vae: AutoencoderKL, params: Any, images: np.ndarray, b
     return float(np.round(1.0 / np.std(np.concatenate(means)), 5))
 
 
-def train_teacher(config, workdir: str) -> Optional[str]:
-    """Train (or resume, or skip when done) the teacher; returns ``WORKDIR/teacher`` or None if pre-empted.
+def train_teacher(config, workdir: str) -> str:
+    """Train (or resume, or skip when done) the teacher; returns ``WORKDIR/teacher`` (a signal
+    raises ``errors.Interrupted`` with its stage's step saved).
 
     Stage outputs: WORKDIR/teacher_stages/{vae,unet}/ (checkpoints, metrics.jsonl, tensorboard)
     and WORKDIR/teacher (diffusers layout: StableDiffusionPipeline loads it).
@@ -174,6 +177,7 @@ def train_teacher(config, workdir: str) -> Optional[str]:
     if os.path.isfile(os.path.join(out, "model_index.json")):
         logging.info("teacher: %s exists, skipping", out)
         return out
+    atomic.check_absent(out)  # before training, not after: a folder there without model_index.json
     t = config.teacher
     mesh = sharding.make_mesh(config.mesh)
     stages = os.path.join(workdir, "teacher_stages")
@@ -194,8 +198,6 @@ def train_teacher(config, workdir: str) -> Optional[str]:
     vae_params = random_params(vae, config.seed, jnp.zeros((1, 3, r, r)))
     vae_params = fit(functools.partial(autoencoder_loss, vae=vae, kl_weight=t.vae.kl_weight), vae_params, {},
                      batcher(t.vae), t.vae, os.path.join(stages, "vae"), mesh, "teacher autoencoder")
-    if vae_params is None:
-        return None
     scaling = latent_scaling_factor(vae, vae_params, images)
     vae = AutoencoderKL(dataclasses.replace(vae.config, scaling_factor=scaling))
     logging.info("teacher autoencoder: latent scaling factor %.5f", scaling)
@@ -211,11 +213,9 @@ def train_teacher(config, workdir: str) -> Optional[str]:
     unet_params = fit(functools.partial(diffusion_loss, models=models, caption_dropout=t.unet.caption_dropout),
                       unet_params, frozen, batcher(t.unet), t.unet, os.path.join(stages, "unet"), mesh,
                       "teacher unet")
-    if unet_params is None:
-        return None
     if jax.process_index() == 0:
         pipe = LCMPipeline(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer,
                            t.scheduler.to_dict())
-        pipe.save_pretrained(out + ".tmp")
-        os.replace(out + ".tmp", out)  # the folder appears whole or not at all
+        with atomic.folder(out) as tmp:  # the folder appears whole or not at all
+            pipe.save_pretrained(tmp)
     return out

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import atomic
 from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.models.vae import AutoencoderKL, VAEConfig
@@ -77,17 +78,18 @@ def random_params(module, seed: int, *args) -> dict:
 
 def make_tiny_pipeline(folder: str, words: Sequence[str], resolution: int = 16, seed: int = 0,
                        max_length: int = 16) -> LCMPipeline:
-    """A random tiny SD pipeline whose tokenizer knows ``words``; saved at ``folder``."""
+    """A random tiny SD pipeline whose tokenizer knows ``words``; saved at ``folder`` (absent or
+    empty), which appears only when complete: an interrupted write is redone, never trusted."""
     import os
-    tok_dir = os.path.join(folder, "tokenizer")
-    tokenizer = build_word_tokenizer(tok_dir, words, model_max_length=max_length)
-    unet_cfg, vae_cfg, text_cfg = tiny_configs(resolution, len(tokenizer), max_length)
-    unet, vae, te = UNet2DConditionModel(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextModel(text_cfg)
-    f = vae_cfg.downsample_factor
-    unet_params = random_params(unet, seed, jnp.zeros((1, 4, resolution // f, resolution // f)),
-                                jnp.zeros((1,), jnp.int32), jnp.zeros((1, max_length, text_cfg.hidden_size)))
-    vae_params = random_params(vae, seed + 1, jnp.zeros((1, 3, resolution, resolution)))
-    text_params = random_params(te, seed + 2, jnp.zeros((1, max_length), jnp.int32))
-    pipe = LCMPipeline(unet, unet_params, vae, vae_params, te, text_params, tokenizer, dict(SD_SCHEDULER))
-    pipe.save_pretrained(folder)
+    with atomic.folder(folder) as tmp:
+        tokenizer = build_word_tokenizer(os.path.join(tmp, "tokenizer"), words, model_max_length=max_length)
+        unet_cfg, vae_cfg, text_cfg = tiny_configs(resolution, len(tokenizer), max_length)
+        unet, vae, te = UNet2DConditionModel(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextModel(text_cfg)
+        f = vae_cfg.downsample_factor
+        unet_params = random_params(unet, seed, jnp.zeros((1, 4, resolution // f, resolution // f)),
+                                    jnp.zeros((1,), jnp.int32), jnp.zeros((1, max_length, text_cfg.hidden_size)))
+        vae_params = random_params(vae, seed + 1, jnp.zeros((1, 3, resolution, resolution)))
+        text_params = random_params(te, seed + 2, jnp.zeros((1, max_length), jnp.int32))
+        pipe = LCMPipeline(unet, unet_params, vae, vae_params, te, text_params, tokenizer, dict(SD_SCHEDULER))
+        pipe.save_pretrained(tmp)
     return pipe

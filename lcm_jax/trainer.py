@@ -26,29 +26,44 @@ from typing import Any
 import jax
 import numpy as np
 
+from lcm_jax import atomic
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import distill, lora, loop, sharding
 from lcm_jax.data.pipeline import make_pipeline
 from lcm_jax.data.sources import DIGIT_WORDS
 from lcm_jax.data.teacher_data import check_teacher_data_config, teacher_data_config
+from lcm_jax.errors import ConfigError, UserError
 from lcm_jax.eval.inloop import make_evaluator
 from lcm_jax.images import save_grid
 from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
 from lcm_jax.models.unet import UNet2DConditionModel
-from lcm_jax.pipeline import (CONSISTENCY_SCHEDULERS, LCMPipeline, check_pipeline_folder, init_cond_proj,
-                              resolve_dtype, sdxl_time_ids)
+from lcm_jax.pipeline import (COMPONENTS, CONSISTENCY_SCHEDULERS, SDXL_COMPONENTS, LCMPipeline,
+                              check_pipeline_folder, init_cond_proj, resolve_dtype, sdxl_time_ids)
 
 REMAT = ("none", "block", "full")
+PIPELINE_COMPONENTS = COMPONENTS + SDXL_COMPONENTS  # what the fingerprint covers (absent ones add nothing)
 EXPORT = ("ema", "online")
 
 
 def validate_config(config) -> distill.DistillSpec:
-    """Every check that can fail on the config alone, before any model is loaded or compiled."""
+    """Every check that can fail on the config alone, before any model is loaded or compiled.
+    What fails here is the config's fault: a ``ConfigError`` (a missing folder: FileNotFoundError)."""
+    try:
+        return _check_config(config)
+    except (KeyError, AttributeError) as e:
+        raise ConfigError(f"the config has no key {e} (configs/common.py declares every key)") from e
+    except (ValueError, TypeError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise ConfigError(str(e)) from e
+
+
+def _check_config(config) -> distill.DistillSpec:
     spec = distill.DistillSpec.from_config(config)
     resolve_dtype(config.dtype)
     distill.lr_schedule(config)  # raises on an unknown schedule
-    for key in ("num_steps", "batch_size", "grad_accum"):
+    for key in ("num_steps", "batch_size", "grad_accum", "keep_checkpoints"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
     if config.learning_rate <= 0:
@@ -106,7 +121,10 @@ def build_student(teacher_unet: UNet2DConditionModel, teacher_params: Any, confi
 
 
 def train(config, workdir: str) -> str:
-    """Run (or resume) training; returns the path of the exported ``WORKDIR/final`` pipeline."""
+    """Run (or resume) training; returns the path of the exported ``WORKDIR/final`` pipeline.
+
+    Raises ``loop.Interrupted`` on SIGINT / SIGTERM (the step reached is saved) and
+    ``loop.NonFiniteError`` on a divergence (the newest good checkpoint kept)."""
     # ------------------------------------------------------------------ config and mesh
     spec = validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -114,22 +132,29 @@ def train(config, workdir: str) -> str:
     is_main = jax.process_index() == 0
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by data x fsdp = "
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by data x fsdp = "
                          f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+
+    # before any work: a workdir already past num_steps is an error, not a mislabelled export
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                 every=config.checkpoint_every)
+    ckpt.check_within(config.num_steps)
 
     # ------------------------------------------------------------------ teacher and student
     pretrained = config.pretrained
     if not pretrained:
         pretrained = os.path.join(workdir, "teacher")
-        if not os.path.isdir(os.path.join(pretrained, "unet")):
+        if not os.path.isfile(os.path.join(pretrained, "model_index.json")):  # (written whole: lcm_jax.atomic)
             from lcm_jax.tiny import make_tiny_pipeline
             if is_main:
                 make_tiny_pipeline(pretrained, DIGIT_WORDS, resolution=config.data.resolution, seed=config.seed)
         sharding.sync_processes("tiny_teacher")  # the others read what process 0 wrote
     pipe = LCMPipeline.from_pretrained(pretrained, dtype=config.dtype)
+    # the checkpoints' record of which model they continue (a moved folder still matches)
+    teacher_id = {"fingerprint": ckpt_lib.fingerprint(pretrained, PIPELINE_COMPONENTS), "path": os.path.abspath(pretrained)}
     if spec.mode == "lcd":
         if pipe.is_lcm:
-            raise ValueError(f"{pretrained!r} is already an LCM (its UNet has time_cond_proj_dim); "
+            raise ConfigError(f"{pretrained!r} is already an LCM (its UNet has time_cond_proj_dim); "
                              "LCD needs a plain diffusion teacher (use mode=lcf to fine-tune an LCM)")
         if spec.lora:  # the teacher's UNet, no omega embedding; trained: the LoRA alone
             student = pipe.unet.clone(remat=config.remat)
@@ -143,13 +168,13 @@ def train(config, workdir: str) -> str:
         teacher = pipe.unet
     elif spec.mode == "ct":  # consistency training: a diffusion model's weights, no teacher in the loss
         if pipe.is_lcm:
-            raise ValueError(f"mode=ct starts from a plain diffusion model, but {pretrained!r} is already an LCM "
+            raise ConfigError(f"mode=ct starts from a plain diffusion model, but {pretrained!r} is already an LCM "
                              "(its UNet has time_cond_proj_dim): fine-tune it with mode=lcf")
         student, params = build_student(pipe.unet, pipe.unet_params, config)
         teacher = None
     else:
         if not pipe.is_lcm:
-            raise ValueError(f"mode=lcf fine-tunes an LCM, but {pretrained!r} has no time_cond_proj_dim "
+            raise ConfigError(f"mode=lcf fine-tunes an LCM, but {pretrained!r} has no time_cond_proj_dim "
                              "(distil it with mode=lcd first, or train it with mode=ct)")
         student = pipe.unet.clone(remat=config.remat)
         params, teacher = pipe.unet_params, None
@@ -186,9 +211,7 @@ def train(config, workdir: str) -> str:
 
     # ------------------------------------------------------------------ restore
     config_dict = _config_dict(config)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                                 every=config.checkpoint_every)
-    restored = ckpt.restore(ckpt_lib.abstract_like(state, state_sh), config_dict)
+    restored = ckpt.restore(ckpt_lib.abstract_like(state, state_sh), config_dict, teacher_id)
     if restored is not None:
         state, data_state, step = restored
         batcher.restore(data_state)
@@ -216,41 +239,43 @@ def train(config, workdir: str) -> str:
         return None
 
     try:
-        state, preempted = loop.run_loop(
+        state = loop.run_loop(
             compiled, state, batcher, frozen, mesh=mesh, num_steps=config.num_steps,
             log_every=config.log_every, ckpt=ckpt, config_dict=config_dict, desc=spec.mode,
-            writer=writer, lr_fn=distill.lr_schedule(config), after_step=after_step)
+            writer=writer, lr_fn=distill.lr_schedule(config), after_step=after_step, teacher=teacher_id)
     finally:
         batcher.close()
         if writer is not None:
             writer.close()
-    if preempted:
         ckpt.close()
-        return ""
 
     # ------------------------------------------------------------------ export
     final = os.path.join(workdir, "final")
     params = _host_params(state, spec, config)
+    # final/ appears whole or not at all (a rerun after a crash exports again; digits trusts it)
     if is_main and spec.lora:  # the teacher's folder (base UNet, unfused) + the LoRA file
-        pipe.save_pretrained(final)
-        path = lora.save_lora_weights(final, params, alpha=spec.lora_alpha)
-        logging.info("LCM-LoRA weights: %s", path)
+        with atomic.folder(final, overwrite=True) as tmp:
+            pipe.save_pretrained(tmp)
+            name = os.path.basename(lora.save_lora_weights(tmp, params, alpha=spec.lora_alpha))
+        logging.info("LCM-LoRA weights: %s", os.path.join(final, name))
         merged = jax.device_get(full(pipe.unet_params, params))
         _sample_grids(pipe, pipe.unet, merged, config, os.path.join(workdir, "samples", "final"))
     elif is_main:
-        out = dataclasses.replace(pipe, unet=student.clone(remat="none"), unet_params=params, _compiled={})
-        out.save_pretrained(final)
+        out = dataclasses.replace(pipe, unet=student.clone(remat="none"), unet_params=params, _compiled={},
+                                  guidance_range=(1 + config.lcd.omega_min, 1 + config.lcd.omega_max))
+        with atomic.folder(final, overwrite=True) as tmp:
+            out.save_pretrained(tmp)
         _sample_grids(out, out.unet, out.unet_params, config, os.path.join(workdir, "samples", "final"))
-    ckpt.close()
     sharding.sync_processes("exported")  # no process returns before final/ is complete
     return final
 
 
 def _tokenize(pipe: LCMPipeline, captions: list[str]):
     """Token ids [B, L] for the text encoder; SDXL: {"input_ids", "input_ids_2"} for both."""
-    if not pipe.is_sdxl:
-        return tokenize(pipe.tokenizer, captions)
-    return {"input_ids": tokenize(pipe.tokenizer, captions), "input_ids_2": tokenize(pipe.tokenizer_2, captions)}
+    if not pipe.is_sdxl:  # training captions are cut to the encoder's length as diffusers' scripts do, unlogged
+        return tokenize(pipe.tokenizer, captions, warn_truncated=False)
+    return {"input_ids": tokenize(pipe.tokenizer, captions, warn_truncated=False),
+            "input_ids_2": tokenize(pipe.tokenizer_2, captions, warn_truncated=False)}
 
 
 def _unconditional(pipe: LCMPipeline, resolution: int) -> dict:

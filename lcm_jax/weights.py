@@ -10,16 +10,22 @@ maps to exactly one PyTorch key:
   ``embedding`` -> ``weight``, ``bias`` -> ``bias``; a bare ``nn.Parameter`` in ``PARAMETER_LEAVES``
   keeps its own name (CLIP vision's ``embeddings.class_embedding``).
 
-Loading is strict: every Flax param must be found with the right shape and every tensor
-in the file must be used, else one ``WeightsError`` lists all the problems.
+Loading is strict: every Flax param must be found with the right shape and a float dtype,
+and every tensor in the file must be used, else one ``WeightsError`` lists all the problems;
+NaN or inf values load with a warning naming the tensors.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
+import typing
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 from flax import traverse_util
+
+from lcm_jax.errors import UserError
 
 INDEXED = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
@@ -34,8 +40,29 @@ IGNORED_TORCH_KEYS = (re.compile(r"(^|\.)position_ids$"),)
 Params = Any  # nested dict of arrays
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A checkpoint does not match the model it is loaded into."""
+
+
+class ConfigFileError(UserError, ValueError):
+    """A config.json that is not a JSON object, or holds a value of the wrong type."""
+
+
+def is_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating dtype (bfloat16 included, which numpy's issubdtype misses)."""
+    import jax.numpy as jnp
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def warn_nonfinite(tensors: Mapping[str, Any], source: str, show: int = 5) -> None:
+    """One warning naming the float tensors that hold NaN or inf: a model loaded from them
+    computes NaN, and the loss or the sample is the first place it would show."""
+    bad = sorted(k for k, v in tensors.items() if is_float(np.asarray(v).dtype)
+                 and not np.isfinite(np.asarray(v, np.float32)).all())
+    if bad:
+        more = f" and {len(bad) - show} more" if len(bad) > show else ""
+        logging.warning("%s: tensors with NaN or inf values (%d): %s%s", source, len(bad),
+                        ", ".join(bad[:show]), more)
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -97,7 +124,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Params,
     ignore = set(ignore)
     flat_target = traverse_util.flatten_dict(_unfreeze(target))
     used, out, missing_ok = set(), {}, []
-    missing, shape_errors = [], []
+    missing, shape_errors, dtype_errors = [], [], []
     for path, ref in flat_target.items():
         key = torch_key(path)
         found = key if key in state_dict else next((k for k in _legacy_aliases(key) if k in state_dict), None)
@@ -109,6 +136,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Params,
             continue
         used.add(found)
         t = np.asarray(state_dict[found])
+        if not is_float(t.dtype):  # an int/bool tensor cast to float would load as garbage
+            dtype_errors.append(f"{found}: file has {t.dtype}, expected a float tensor")
+            continue
         if found != key and path[-1] == "kernel" and t.ndim == 4 and len(ref.shape) == 2:
             t = t[:, :, 0, 0]  # legacy 1x1-conv attention projections
         arr = _to_flax(path[-1], t)
@@ -119,7 +149,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Params,
         out[path] = arr
     unexpected = sorted(k for k in state_dict if k not in used and k not in ignore
                         and not any(p.search(k) for p in IGNORED_TORCH_KEYS))
-    if missing or unexpected or shape_errors:
+    if missing or unexpected or shape_errors or dtype_errors:
         lines = []
         if missing:
             lines.append(f"missing keys ({len(missing)}): " + ", ".join(sorted(missing)))
@@ -127,6 +157,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target: Params,
             lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
         if shape_errors:
             lines.append(f"shape mismatches ({len(shape_errors)}): " + "; ".join(shape_errors))
+        if dtype_errors:
+            lines.append(f"non-float tensors ({len(dtype_errors)}): " + "; ".join(dtype_errors))
         raise WeightsError("checkpoint does not match the model:\n  " + "\n  ".join(lines))
     return traverse_util.unflatten_dict(out), missing_ok
 
@@ -150,15 +182,85 @@ FLAX_WEIGHT_NAMES = ("diffusion_flax_model.msgpack", "flax_model.msgpack")
 
 
 def read_config(folder: str, name: str = "config.json") -> dict:
-    """A component's JSON config, with an error naming the folder when it is not there."""
+    """A component's JSON config, with an error naming the folder when it is not there and the
+    file (and where in it) when it is not a JSON object."""
     import json
     import os
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder!r} has no {name}: expected a diffusers-layout component "
                                 f"folder ({name} + *.safetensors or *.msgpack weights)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigFileError(f"{path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(f"{path!r} is not a UTF-8 text (JSON) file: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigFileError(f"{path!r} holds a JSON {_json_type(cfg)}, expected an object of config keys")
+    return cfg
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _type_ok(v: Any, tp: Any) -> bool:
+    """Whether a JSON value fits a config field's annotation (lists for tuples; bool is no int)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_type_ok(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is str:
+        return isinstance(v, str)
+    if tp is tuple or origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(x, args[0]) for x in v)
+        return not args or (len(v) == len(args) and all(map(_type_ok, v, args)))
+    return True  # an annotation we do not check
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if tp is tuple or origin is tuple:
+        return f"a list of {_type_name(args[0])}" if len(args) == 2 and args[1] is Ellipsis else "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def config_fields(cls: type, cfg: Mapping[str, Any], ignored: Iterable[str], *, source: str,
+                  what: str, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """The values ``cfg`` gives for the fields of dataclass ``cls`` (less ``skip``), each
+    checked against its annotation (a ``ConfigFileError`` names ``source``, the key, the value
+    and the type expected). Keys that are neither a field nor ``ignored`` (what the library
+    that wrote ``cfg`` saves and we do not use) get one warning: a misspelt key would otherwise
+    silently leave a default. Keys starting with "_" (``_class_name``, ...) are metadata."""
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in set(skip)]
+    ignored = set(ignored)
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in fields and k not in ignored)
+    if unknown:
+        logging.warning("%s: ignoring unknown %s config keys %s (misspelt? their fields keep the "
+                        "defaults)", source, what, unknown)
+    for k in fields:
+        if k in cfg and not _type_ok(cfg[k], hints[k]):
+            raise ConfigFileError(f"{source}: {what} config {k}={cfg[k]!r} is a JSON {_json_type(cfg[k])}, "
+                                  f"expected {_type_name(hints[k])}")
+    return {k: cfg[k] for k in fields if k in cfg}
 
 
 def _weight_names(base: str, variant: str | None) -> tuple[str, str]:
@@ -245,7 +347,9 @@ def _np_dtypes() -> dict:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as float32 numpy (fp16/bf16/fp32 checkpoints alike)."""
+    """Every tensor of a safetensors file as numpy: float tensors as float32 (fp16/bf16/fp32
+    checkpoints alike), integer and bool tensors as they are, so that a loader can refuse them
+    where a float parameter is expected. Warns once if any float tensor holds NaN or inf."""
     from safetensors import deserialize
     dtypes = _np_dtypes()
     try:
@@ -258,7 +362,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if t["dtype"] not in dtypes:
             raise WeightsError(f"{path!r}: tensor {name!r} has dtype {t['dtype']}, expected one of {sorted(dtypes)}")
         arr = np.frombuffer(t["data"], dtypes[t["dtype"]]).reshape(t["shape"])
-        out[name] = arr.astype(np.float32)
+        out[name] = arr.astype(np.float32) if is_float(arr.dtype) else arr
+    warn_nonfinite(out, repr(path))
     return out
 
 
@@ -300,11 +405,15 @@ def check_tree(tree: Params, target: Params, allow_missing: Iterable[tuple[str, 
     unexpected = [p for p in flat if p not in ref]
     shapes = [f"{'/'.join(p)}: {tuple(np.shape(flat[p]))} vs {tuple(ref[p].shape)}"
               for p in ref if p in flat and tuple(np.shape(flat[p])) != tuple(ref[p].shape)]
-    if missing or unexpected or shapes:
+    dtypes = [f"{'/'.join(p)}: {np.asarray(flat[p]).dtype}" for p in ref
+              if p in flat and not is_float(np.asarray(flat[p]).dtype)]
+    if missing or unexpected or shapes or dtypes:
         fmt = lambda ps: ", ".join("/".join(p) for p in ps)  # noqa: E731
         raise WeightsError(f"{source} does not match the model:\n  missing ({len(missing)}): {fmt(missing)}"
                            f"\n  unexpected ({len(unexpected)}): {fmt(unexpected)}"
-                           f"\n  shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
+                           f"\n  shape mismatches ({len(shapes)}): {'; '.join(shapes)}"
+                           f"\n  non-float params, expected float ({len(dtypes)}): {'; '.join(dtypes)}")
+    warn_nonfinite({"/".join(p): v for p, v in flat.items()}, source)
     params = {p: np.asarray(v, np.float32) for p, v in flat.items()}
     return traverse_util.unflatten_dict(params), [p for p in ref if p not in flat]
 

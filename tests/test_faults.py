@@ -1,16 +1,12 @@
 """Faults and processes (issue #6), each run a real `python train.py` subprocess: SIGKILL then
-an exact resume, SIGTERM (clean exit, its step saved, resumed from there), and two processes
+an exact resume, SIGTERM and SIGINT (its step saved, exit 128 + signum, resumed from there), and two processes
 (jax.distributed over gloo) against one with the same total devices.
 
-The subprocesses share the tests' persistent compilation cache, so after the first run of a
-program shape a run costs start-up, tracing and the steps, not an XLA compile.
+(tests/train_cli.py runs them.)
 """
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -19,93 +15,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import train_cli
 from test_train import read_state
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import sharding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4      # per single-process run (mesh data=4); the two-process run has 2 x 2 (fsdp=4)
 NUM_STEPS = 4    # checkpoints at 2 and 4
-RUN_TIMEOUT = 900  # s per train.py run: a cold compilation cache on 2 busy cores takes minutes
+RUN_TIMEOUT = train_cli.RUN_TIMEOUT
 
 
-def _env(devices: int) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-                JAX_DEFAULT_MATMUL_PRECISION="highest",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-                PYTHONUNBUFFERED="1")
+def _start(cmd, log, devices=DEVICES):
+    return train_cli.start(cmd, log, devices)
 
 
-def _cmd(workdir, teacher=None, *extra) -> list:
-    """train.py on configs/tiny.py; ``teacher``: an existing teacher folder instead of making one."""
-    flags = dict(num_steps=NUM_STEPS, batch_size=8, log_every=1, checkpoint_every=2, sample_steps="()")
-    if teacher:
-        flags.update(pretrained=teacher, tiny_teacher=False)
-    return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}", "--alsologtostderr",
-            *[f"--config.{k}={v}" for k, v in flags.items()], *extra]
-
-
-def _start(cmd, log, devices=DEVICES) -> subprocess.Popen:
-    """train.py in the background, stdout+stderr to ``log`` (a file: nothing blocks on a pipe)."""
-    with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=f, stderr=subprocess.STDOUT)
-
-
-def _tail(log, n=4000) -> str:
-    with open(log) as f:
-        return f.read()[-n:]
-
-
-def _run(cmd, log) -> str:
-    """train.py to completion; returns its output."""
-    proc = _start(cmd, log)
-    try:
-        rc = proc.wait(RUN_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert rc == 0, f"train.py exited with {rc}:\n{_tail(log)}"
-    return _tail(log, 10**7)
-
-
-def _wait_until(predicate, proc, log, what):
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"train.py exited with {proc.returncode} before {what}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} after {RUN_TIMEOUT}s:\n{_tail(log)}")
-        time.sleep(0.02)
-
-
-def _finished_steps(workdir) -> list:
-    """Checkpoint steps orbax has committed (it writes '<step>.orbax-checkpoint-tmp-*' then renames)."""
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def _rows(workdir, offset=0) -> list:
-    """metrics.jsonl rows from byte ``offset`` on (a killed run may leave a torn last line before it)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        f.seek(offset)
-        lines = f.read().decode().splitlines()
-    return [json.loads(line) for line in lines if line.endswith("}")]
-
-
-def _size(path) -> int:
-    return os.path.getsize(path) if os.path.exists(path) else 0
-
-
-def _resumed_from(output) -> int:
-    marker = "resumed from step "
-    assert marker in output, f"the rerun did not resume:\n{output[-4000:]}"
-    return int(output.split(marker)[1].split()[0])
+def _run(cmd, log, expect=0):
+    return train_cli.run(cmd, log, DEVICES, expect)
 
 
 def _assert_same_state(workdir, reference, step):
@@ -122,9 +47,9 @@ def reference(tmp_path_factory):
     """One uninterrupted run to NUM_STEPS, shared by the tests below; its workdir. It makes the
     tiny teacher (WORKDIR/teacher) as configs/tiny.py does; the other single-process runs reuse it."""
     wd = str(tmp_path_factory.mktemp("reference"))
-    _run(_cmd(wd), os.path.join(wd, "train.log"))
-    assert [r["step"] for r in _rows(wd)] == list(range(1, NUM_STEPS + 1))
-    assert _finished_steps(wd) == [2, 4]
+    _run(train_cli.cmd(wd), os.path.join(wd, "train.log"))
+    assert [r["step"] for r in train_cli.rows(wd)] == list(range(1, NUM_STEPS + 1))
+    assert train_cli.finished_steps(wd) == [2, 4]
     return wd
 
 
@@ -138,50 +63,56 @@ def test_sigkill_then_resume_is_exact(teacher, reference, tmp_path):
     """Killed with no warning once step 2 is committed (step 4 may be half-written): the rerun
     resumes from the newest committed step and ends bitwise where the uninterrupted run did."""
     wd, log = str(tmp_path / "run"), str(tmp_path / "killed.log")
-    proc = _start(_cmd(wd, teacher), log)
+    proc = _start(train_cli.cmd(wd, teacher), log)
     try:
-        _wait_until(lambda: 2 in _finished_steps(wd), proc, log, "checkpoint 2")
+        train_cli.wait_until(lambda: 2 in train_cli.finished_steps(wd), proc, log, "checkpoint 2")
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(60) == -signal.SIGKILL, "train.py finished before it could be killed"
     finally:
         if proc.poll() is None:
             proc.kill()
     assert not os.path.exists(os.path.join(wd, "final"))
-    offset = _size(os.path.join(wd, "metrics.jsonl"))
-    out = _run(_cmd(wd, teacher), str(tmp_path / "rerun.log"))
-    start = _resumed_from(out)
-    assert start in (2, 4) and start in _finished_steps(wd)
-    rows = _rows(wd, offset)
+    offset = train_cli.size(os.path.join(wd, "metrics.jsonl"))
+    out = _run(train_cli.cmd(wd, teacher), str(tmp_path / "rerun.log"))
+    start = train_cli.resumed_from(out)
+    assert start in (2, 4) and start in train_cli.finished_steps(wd)
+    rows = train_cli.rows(wd, offset)
     assert [r["step"] for r in rows] == list(range(start + 1, NUM_STEPS + 1))
-    ref = {r["step"]: r["loss"] for r in _rows(reference)}
+    ref = {r["step"]: r["loss"] for r in train_cli.rows(reference)}
     assert [r["loss"] for r in rows] == [ref[r["step"]] for r in rows]  # same data, same numbers
     _assert_same_state(wd, reference, NUM_STEPS)
     assert os.path.isdir(os.path.join(wd, "final", "unet"))
 
 
 @pytest.mark.slow
-def test_sigterm_saves_its_step_exits_0_and_resumes(teacher, reference, tmp_path):
-    """SIGTERM (a scheduler's pre-emption notice) after step 2: the step it reached is saved,
-    the exit code is 0, and the rerun continues from that step (not from scratch)."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_its_step_and_resumes(teacher, reference, tmp_path, signum):
+    """SIGTERM (a scheduler's pre-emption notice) or SIGINT (Ctrl-C, issue 18 item 5) after step 2:
+    the step it reached is saved, the run exits 128 + signum with one line saying so (a job
+    scheduler must not take it for a finished run), and the rerun continues from that step."""
     wd, log = str(tmp_path / "run"), str(tmp_path / "terminated.log")
     # checkpoint_every is resumable and past the end: the only checkpoint is the signal's
-    proc = _start(_cmd(wd, teacher, "--config.checkpoint_every=1000"), log)
+    proc = _start(train_cli.cmd(wd, teacher, "--config.checkpoint_every=1000"), log)
     try:
-        _wait_until(lambda: any(r["step"] >= 2 for r in _rows(wd)), proc, log, "step 2")
-        proc.send_signal(signal.SIGTERM)
+        train_cli.wait_until(lambda: any(r["step"] >= 2 for r in train_cli.rows(wd)), proc, log, "step 2")
+        proc.send_signal(signum)
         rc = proc.wait(RUN_TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert rc == 0, _tail(log)
-    reached = _rows(wd)[-1]["step"]
+    assert rc == 128 + signum, train_cli.tail(log)
+    reached = train_cli.rows(wd)[-1]["step"]
     assert 2 <= reached < NUM_STEPS, f"stopped at step {reached}: the signal came too late to test"
-    assert _finished_steps(wd) == [reached]
-    assert "exported" not in _tail(log) and not os.path.exists(os.path.join(wd, "final"))
-    offset = _size(os.path.join(wd, "metrics.jsonl"))
-    out = _run(_cmd(wd, teacher), str(tmp_path / "rerun.log"))
-    assert _resumed_from(out) == reached
-    assert [r["step"] for r in _rows(wd, offset)] == list(range(reached + 1, NUM_STEPS + 1))
+    assert train_cli.finished_steps(wd) == [reached]
+    last = train_cli.tail(log).strip().splitlines()[-1]
+    assert last == (f"train.py: {signal.Signals(signum).name} received: saved step {reached}; rerun the same "
+                    "command to resume from it"), train_cli.tail(log)
+    assert "Traceback" not in train_cli.tail(log, 10**7)
+    assert "exported" not in train_cli.tail(log) and not os.path.exists(os.path.join(wd, "final"))
+    offset = train_cli.size(os.path.join(wd, "metrics.jsonl"))
+    out = _run(train_cli.cmd(wd, teacher), str(tmp_path / "rerun.log"))
+    assert train_cli.resumed_from(out) == reached
+    assert [r["step"] for r in train_cli.rows(wd, offset)] == list(range(reached + 1, NUM_STEPS + 1))
     _assert_same_state(wd, reference, NUM_STEPS)
 
 
@@ -203,7 +134,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
     procs, logs = [], []
     for i in range(2):
         logs.append(str(tmp_path / f"process{i}.log"))
-        procs.append(_start(_cmd(wd, None, "--config.mesh.data=1", f"--config.mesh.fsdp={DEVICES}",
+        procs.append(_start(train_cli.cmd(wd, None, "--config.mesh.data=1", f"--config.mesh.fsdp={DEVICES}",
                                  f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                  f"--process_id={i}"), logs[-1], devices=DEVICES // 2))
     try:
@@ -218,12 +149,12 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
             if p.poll() is None:
                 p.kill()
     for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.wait() == 0, f"process {i} exited with {p.returncode}:\n{_tail(log)}"
-    assert "process 1 of 2, 2 local / 4 global devices" in _tail(logs[1], 10**7)
+        assert p.wait() == 0, f"process {i} exited with {p.returncode}:\n{train_cli.tail(log)}"
+    assert "process 1 of 2, 2 local / 4 global devices" in train_cli.tail(logs[1], 10**7)
 
-    rows = _rows(wd)  # process 0 writes the log
+    rows = train_cli.rows(wd)  # process 0 writes the log
     assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1)) and all(np.isfinite(r["loss"]) for r in rows)
-    assert _finished_steps(wd) == [2, 4]
+    assert train_cli.finished_steps(wd) == [2, 4]
     assert os.path.isdir(os.path.join(wd, "final", "unet"))
 
     # the checkpoint the two processes wrote, restored in this one (8 devices) on a mesh they never had
@@ -251,7 +182,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
     procs = data["processes"]
     assert [p["process_index"] for p in procs] == [0, 1] and all(p["process_count"] == 2 for p in procs)
     assert sum(p["counts"]["examples"] for p in procs) == ref_data["counts"]["examples"]
-    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in _rows(reference)], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in train_cli.rows(reference)], rtol=1e-4, atol=1e-6)
     excess = [np.abs(np.asarray(x, np.float64) - y) - 1e-5 * np.abs(y)
               for x, y in zip(jax.tree.leaves(state), (np.asarray(y, np.float64) for y in jax.tree.leaves(template)))]
     off, total = sum(int((e > 1e-5).sum()) for e in excess), sum(e.size for e in excess)

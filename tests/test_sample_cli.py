@@ -112,3 +112,92 @@ def test_cli_error_exits_nonzero_with_one_line(lcm_dir, tmp_path):
     assert r.stderr.strip().splitlines()[-1] == ("sample.py: error: --scheduler='euler' is not supported: "
                                                  "expected one of lcm, mlcd, ddim, dpm, dpm++")
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.fixture
+def immutable_png(tmp_path):
+    """An existing .png nobody may write, root included (chattr +i); skipped where the file system
+    or the user cannot make one (then the condition under test does not exist)."""
+    path = tmp_path / "locked.png"
+    path.write_bytes(b"keep")
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    if not made:
+        path.chmod(0o444)
+    try:
+        with open(path, "ab"):
+            pytest.skip("cannot make an unwritable file here (chattr +i failed and the user can write 0444)")
+    except OSError:
+        pass
+    yield path
+    if made:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_unwritable_outputs_fail_before_loading(lcm_dir, tmp_path, immutable_png):
+    """Issue 18, item 6: the exact output files are tried before any model is loaded, so a
+    run's images are never lost at the end; an existing file is left as it was."""
+    assert "cannot be written" in _error(lcm_dir, tmp_path, out=str(immutable_png))
+    assert immutable_png.read_bytes() == b"keep"
+    assert "cannot be written" in _error(lcm_dir, tmp_path, out="/sys/grid.png")  # no file can be made there
+    assert "--save_npz" in _error(lcm_dir, tmp_path, save_npz="/sys/samples.npz")
+    out = tmp_path / "fresh.png"
+    assert sample.check_args(sample.SampleArgs(pretrained=lcm_dir, prompts=["a"], out=str(out)))
+    assert not out.exists()  # the probe leaves nothing behind
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("sd"))
+    sd_models.make_sd_pipeline(d)
+    return d
+
+
+def test_guidance_is_checked(lcm_dir, teacher_dir, tmp_path):
+    """Issue 18, item 7: non-finite guidance, CFG below 1 (0 is diffusers' "none"), and an LCM's
+    negative omega are errors; an LCM's trained range, when its folder records it, is named."""
+    assert "guidance_scale=nan: expected a finite number" in _error(lcm_dir, tmp_path, guidance=float("nan"))
+    assert "guidance_scale=inf" in _error(teacher_dir, tmp_path, guidance=float("inf"), scheduler="ddim")
+    assert "an LCM embeds omega = w - 1, expected w >= 1" in _error(lcm_dir, tmp_path, guidance=-2.0)
+    assert "classifier-free guidance needs w >= 1" in _error(teacher_dir, tmp_path, guidance=0.5, scheduler="ddim")
+    for w in (0.0, 1.0, 7.5):  # 0 and 1: no guidance
+        assert sample.check_args(sample.SampleArgs(pretrained=teacher_dir, prompts=["a"], scheduler="ddim",
+                                                   guidance=w, out=str(tmp_path / "g.png")))
+    import shutil
+    trained = str(tmp_path / "trained")
+    shutil.copytree(lcm_dir, trained)
+    with open(os.path.join(trained, "training.json"), "w") as f:
+        f.write('{"guidance_range": [3.0, 7.0]}')
+    assert "trained on w in [3, 7]" in _error(trained, tmp_path, guidance=0.5)
+
+
+def test_pipeline_guidance_range(lcm_dir, caplog):
+    from lcm_jax.pipeline import LCMPipeline, check_guidance
+    pipe = LCMPipeline.from_pretrained(lcm_dir)
+    assert pipe.guidance_range is None
+    with pytest.raises(ValueError, match="expected a finite number"):
+        pipe("a cat", guidance_scale=float("nan"))  # before any compile: nothing is cached
+    assert not pipe._compiled
+    with caplog.at_level("WARNING"):
+        check_guidance(9.0, True, (3.0, 7.0))
+    assert "outside the range this LCM was trained on, w in [3, 7]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_guidance(5.0, True, (3.0, 7.0))
+    assert not caplog.text
+
+
+def test_loader_errors_are_one_line(lcm_dir, tmp_path):
+    """Issue 18, item 10: a truncated weight file is a one-line message and exit 2, not a traceback;
+    --verbose gives the traceback back."""
+    import shutil
+    broken = str(tmp_path / "broken")
+    shutil.copytree(lcm_dir, broken)
+    weights = os.path.join(broken, "unet", "diffusion_pytorch_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    r = _run(f"--pretrained={broken}", "--prompt", "a cat", "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("sample.py: error: cannot read safetensors file") and "Traceback" not in r.stderr, r.stderr
+    r = _run(f"--pretrained={broken}", "--prompt", "a cat", "--out", str(tmp_path / "g.png"), "--verbose")
+    assert r.returncode == 1 and "Traceback" in r.stderr

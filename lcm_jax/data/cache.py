@@ -20,10 +20,11 @@ import json
 import logging
 import math
 import os
-import shutil
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from lcm_jax import atomic
 
 FORMAT = "lcm_jax.cache"
 VERSION = 1
@@ -252,14 +253,7 @@ def finalize(partial: str, out_dir: str, index: dict) -> None:
     existing ``out_dir`` (overwrite) goes only once the new cache is complete."""
     with open(os.path.join(partial, INDEX), "w") as fh:
         json.dump(index, fh, indent=2)
-    if os.path.exists(out_dir):
-        trash = out_dir + ".old"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(out_dir, trash)
-        os.replace(partial, out_dir)
-        shutil.rmtree(trash)
-    else:
-        os.replace(partial, out_dir)
+    atomic.publish(partial, out_dir, overwrite=True)
 
 
 def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_size: int = 1024,
@@ -309,14 +303,14 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
     local = batch_size // pc
     padded = math.ceil(local / mesh.size) * mesh.size  # every call the same shape: one compile
-    batches = make_pipeline(data, lambda c: tokenize(pipe.tokenizer, c), batch_size, int(config.get("seed", 0)),
+    batches = make_pipeline(data, lambda c: tokenize(pipe.tokenizer, c, warn_truncated=False), batch_size, int(config.get("seed", 0)),
                             pi, pc, caption_dropout=0.0, num_epochs=1, shuffle=False, drop_remainder=False,
                             keep_captions=True, allgather=None)
     identity = model_identity(pipe)
 
-    partial = out_dir + ".partial"
+    partial = atomic.partial_path(out_dir)
     if pi == 0:
-        shutil.rmtree(partial, ignore_errors=True)
+        atomic.clear_stale(partial)  # a killed write's (logged)
         os.makedirs(partial)
     sharding.sync_processes("cache_start")
     encode, params = _encode_fn(pipe, mesh)

@@ -65,21 +65,94 @@ def resize_crop(img: Image.Image, resolution: int, center: bool = True, rng=None
     return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
 
 
-def _captions_from_metadata(folder: str) -> dict[str, str]:
-    path = os.path.join(folder, "metadata.jsonl")
-    out = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    out[os.path.normpath(row["file_name"])] = str(row["text"])
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{path}:{n}: expected a JSON object with 'file_name' and 'text' "
-                                     f"({e})") from e
+METADATA = "metadata.jsonl"
+_ROW = "a JSON object with 'file_name' and 'text' (a string caption, or a list of them: the first)"
+
+
+def _read_metadata(path: str) -> dict[str, tuple[str, str]]:
+    """One metadata.jsonl (the Hugging Face imagefolder convention) -> {normpath(file_name):
+    (caption, "path:line")}, file names relative to the file's folder.
+
+    A line that is not such an object, a caption that is not a string, or bytes that are not
+    UTF-8 raise ValueError naming path:line; a repeated file_name is warned about (the last wins).
+    """
+    out: dict[str, tuple[str, str]] = {}
+    repeated: list[tuple[str, str]] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}): "
+                                 f"{METADATA} must be UTF-8 (re-save it, e.g. iconv -f latin1 -t utf-8)") from e
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e}): expected {_ROW}") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: got {line.strip()[:80]!r}, expected {_ROW}")
+            for key in ("file_name", "text"):
+                if key not in row:
+                    raise ValueError(f"{where}: no {key!r} key (it has {sorted(row)}): expected {_ROW}")
+            name, text = row["file_name"], row["text"]
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{where}: 'file_name' is {name!r}: expected the image's path relative to "
+                                 f"{os.path.dirname(path) or '.'!r}")
+            if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+                text = text[0]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: 'text' of {name!r} is {text!r}: expected a string caption "
+                                 '("" for none)')
+            key = os.path.normpath(name)
+            if key in out:
+                repeated.append((where, out[key][1]))
+            out[key] = (text, where)
+    if repeated:
+        logging.warning("data: %d rows of %s repeat an earlier file_name; the last one's caption is used "
+                        "(e.g. %s repeats %s)", len(repeated), path, *repeated[0])
     return out
+
+
+def _examples(names: Sequence[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+
+
+def scan_folder(folder: str) -> tuple[list[str], list[Optional[str]], list[bool]]:
+    """The images under ``folder`` (recursive, sorted) -> (paths relative to folder, caption
+    from a metadata.jsonl row or None, whether a ``{stem}.txt`` sidecar exists).
+
+    metadata.jsonl files in any subfolder count (file names relative to their folder). Rows
+    naming no image, and images with neither a row nor a sidecar, are counted in a warning.
+    """
+    paths: list[str] = []
+    sidecar: list[bool] = []
+    meta: dict[str, tuple[str, str]] = {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        rel_root = os.path.relpath(root, folder)
+        if METADATA in files:
+            for name, row in _read_metadata(os.path.join(root, METADATA)).items():
+                meta[os.path.normpath(os.path.join(rel_root, name))] = row
+        names = set(files)
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.normpath(os.path.join(rel_root, name)))
+                sidecar.append(os.path.splitext(name)[0] + ".txt" in names)
+    captions = [meta[p][0] if p in meta else None for p in paths]
+    unmatched = sorted(set(meta) - set(paths))
+    if unmatched:
+        logging.warning("data: %d of %d %s rows under %r name no image (%s), so their captions are unused: %s",
+                        len(unmatched), len(meta), METADATA, folder, ", ".join(IMAGE_EXTENSIONS),
+                        _examples([f"{meta[u][1]} {u!r}" for u in unmatched]))
+    bare = [p for p, c, s in zip(paths, captions, sidecar) if c is None and not s]
+    if bare:
+        logging.warning("data: %d of %d images under %r have no %s row and no .txt sidecar, so no caption "
+                        "(trained on the empty one, or skipped with data.missing_caption='skip'): %s",
+                        len(bare), len(paths), folder, METADATA, _examples(bare))
+    return paths, captions, sidecar
 
 
 def load_folder(folder: str, resolution: int, center_crop: bool = True) -> tuple[np.ndarray, list[str]]:
@@ -90,29 +163,22 @@ def load_folder(folder: str, resolution: int, center_crop: bool = True) -> tuple
     if not folder or not os.path.isdir(folder):
         raise FileNotFoundError(f"data.path {folder!r} is not a folder: expected a directory of images "
                                 "with captions in metadata.jsonl (file_name, text) or .txt sidecars")
-    meta = _captions_from_metadata(folder)
+    from lcm_jax.data.decode import decode_caption
     images, captions = [], []
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            path = os.path.join(root, name)
-            rel = os.path.normpath(os.path.relpath(path, folder))
-            sidecar = os.path.splitext(path)[0] + ".txt"
-            if rel in meta:
-                caption = meta[rel]
-            elif os.path.isfile(sidecar):
-                with open(sidecar) as f:
-                    caption = f.read().strip()
-            else:
-                caption = ""
-            try:
-                with Image.open(path) as img:
-                    images.append(resize_crop(img, resolution, center_crop))
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                logging.warning("skipping unreadable image %s: %s", path, e)
-                continue
-            captions.append(caption)
+    for rel, caption, has_txt in zip(*scan_folder(folder)):
+        path = os.path.join(folder, rel)
+        if caption is None:
+            caption = ""
+            if has_txt:
+                with open(os.path.splitext(path)[0] + ".txt", "rb") as f:
+                    caption = decode_caption(f.read())[0]  # not UTF-8: read as Latin-1
+        try:
+            with Image.open(path) as img:
+                images.append(resize_crop(img, resolution, center_crop))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            logging.warning("skipping unreadable image %s: %s", path, e)
+            continue
+        captions.append(caption)
     if not images:
         raise ValueError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r}")
     return np.stack(images), captions
@@ -158,7 +224,8 @@ class FolderSource:
 
     Captions: ``metadata.jsonl`` rows (``file_name`` relative to the jsonl's folder, ``text``;
     the Hugging Face imagefolder convention, in any subfolder) win over ``{stem}.txt`` sidecars;
-    an image with neither has no caption (counted by the pipeline).
+    an image with neither has no caption (warned about here, counted by the pipeline). A bad
+    metadata.jsonl line is a ValueError naming path:line, raised here, before anything compiles.
     """
 
     def __init__(self, folder: str):
@@ -166,24 +233,8 @@ class FolderSource:
             raise ValueError(f"data.path {folder!r} is not a folder: expected a directory of images "
                              "with captions in metadata.jsonl (file_name, text) or .txt sidecars")
         self.folder = folder
-        self.paths: list[str] = []            # relative to folder
-        self.captions: list[Optional[str]] = []  # from metadata.jsonl; None: read the sidecar (if any)
-        self.sidecar: list[bool] = []
-        meta: dict[str, str] = {}
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            if "metadata.jsonl" in files:
-                rel_root = os.path.relpath(root, folder)
-                for name, text in _captions_from_metadata(root).items():
-                    meta[os.path.normpath(os.path.join(rel_root, name))] = text
-            names = set(files)
-            for name in sorted(files):
-                if not name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                rel = os.path.normpath(os.path.relpath(os.path.join(root, name), folder))
-                self.paths.append(rel)
-                self.captions.append(meta.get(rel))
-                self.sidecar.append(os.path.splitext(name)[0] + ".txt" in names)
+        # paths relative to folder; captions from metadata.jsonl (None: read the sidecar, if any)
+        self.paths, self.captions, self.sidecar = scan_folder(folder)
         if not self.paths:
             raise ValueError(f"data.path {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), "
                              "searched recursively")

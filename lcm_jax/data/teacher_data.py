@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from typing import Any, Optional
 
 import numpy as np
 
+from lcm_jax import atomic
 from lcm_jax.data import cache as cache_lib
 from lcm_jax.models.vae import LOGVAR_RANGE
 
@@ -130,11 +130,11 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
     prompts, n, batch = settings["prompts"], settings["num_examples"], settings["batch"]
     pretrained = config.get("pretrained", "") or "(in memory)"
 
-    partial = out_dir + ".partial"
+    partial = atomic.partial_path(out_dir)
     index = None
     sharding.sync_processes("teacher_data_start")  # every process checked out_dir before process 0 writes
     if jax.process_index() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
+        atomic.clear_stale(partial)  # a killed generation's (logged)
         os.makedirs(partial)
         writer = cache_lib.ShardWriter(partial, shard_size, "float32")
         scaling = float(pipe.vae.config.scaling_factor)

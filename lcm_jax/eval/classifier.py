@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from lcm_jax import atomic
 from lcm_jax.eval.fd import frechet_distance, gaussian_stats
 
 FORMAT = "lcm_jax.eval.DigitScorer"
@@ -176,7 +177,8 @@ class DigitScorer:
         return {"fd": fd, "accuracy": float(np.mean(logits.argmax(-1) == labels))}
 
     def save(self, path: str) -> None:
-        """One safetensors file: params under 'params/...', 'ref_mu', 'ref_sigma', JSON metadata."""
+        """One safetensors file: params under 'params/...', 'ref_mu', 'ref_sigma', JSON metadata.
+        Written whole or not at all (atomic.file): a rerun trains a missing scorer, but trusts one that is there."""
         from safetensors.numpy import save_file
         flat = traverse_util.flatten_dict(jax.device_get(self.params), sep="/")
         tensors = {f"params/{k}": np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
@@ -184,7 +186,8 @@ class DigitScorer:
         tensors["ref_sigma"] = np.ascontiguousarray(self.ref_sigma, np.float64)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "resolution": self.resolution,
                 "feature_dim": FEATURE_DIM}
-        save_file(tensors, path, metadata={"lcm_jax": json.dumps(meta)})
+        with atomic.file(path) as tmp:
+            save_file(tensors, tmp, metadata={"lcm_jax": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str, resolution: int | None = None) -> "DigitScorer":

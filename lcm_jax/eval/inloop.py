@@ -20,6 +20,7 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
 
 from lcm_jax.data.sources import digit_caption
@@ -41,8 +42,9 @@ def load_or_train_scorer(path: str, resolution: int, steps: int = 0):
         return DigitScorer.load(path, resolution)  # raises naming the file if it is for another resolution
     logging.info("training the digit classifier for evaluation -> %s", path)
     scorer = DigitScorer.create(resolution, **({"steps": steps} if steps else {}))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    scorer.save(path)
+    if jax.process_index() == 0:  # one writer (each process trained the same scorer)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        scorer.save(path)
     return scorer
 
 

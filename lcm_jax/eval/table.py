@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import tqdm
 
+from lcm_jax import atomic
 from lcm_jax.data.sources import load_digits
 from lcm_jax.eval.inloop import digit_prompts
 from lcm_jax.images import save_grid
@@ -204,8 +205,10 @@ def plot(results: dict, path: str) -> str:
 
 
 def write(results: dict, outdir: str) -> None:
-    with open(os.path.join(outdir, "results.json"), "w") as f:
+    """results.json, results.md (a rerun skips the evaluation when both exist, so each appears
+    whole or not at all) and fd_vs_steps.png."""
+    with atomic.file(os.path.join(outdir, "results.json")) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=2)
-    with open(os.path.join(outdir, "results.md"), "w") as f:
+    with atomic.file(os.path.join(outdir, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(markdown(results))
     plot(results, os.path.join(outdir, "fd_vs_steps.png"))

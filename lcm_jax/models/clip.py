@@ -9,6 +9,7 @@ Numerics follow transformers 5.x ``CLIPTextModel`` (causal mask, pooled output a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import weights
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -25,6 +28,31 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 WITH_PROJECTION = "CLIPTextModelWithProjection"
+# transformers config keys that do not change a CLIP tower's outputs, read without a warning:
+# the towers' dropout and init scales, and PretrainedConfig's own keys. With our config fields
+# they are exactly the keys that transformers' CLIPTextConfig().to_dict() and
+# CLIPVisionConfig().to_dict() write (tests/test_strict_inputs.py checks it).
+CLIP_IGNORED_KEYS = frozenset({
+    "attention_dropout", "initializer_factor", "initializer_range",
+    "architectures", "chunk_size_feed_forward", "dtype", "id2label", "is_encoder_decoder", "label2id",
+    "model_type", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
+    "transformers_version",
+})
+# What configs saved by transformers 4 (most published checkpoints, e.g. openai/clip-vit-*'s
+# text_config and vision_config) also hold and transformers 5 no longer writes: CLIP's unused
+# ``dropout``, generation settings, and the token ids a vision config carries as null.
+TRANSFORMERS_4_KEYS = frozenset({
+    "dropout", "torch_dtype", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+    "tie_word_embeddings", "is_decoder", "cross_attention_hidden_size", "add_cross_attention",
+    "tie_encoder_decoder", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "finetuning_task", "tokenizer_class", "prefix",
+    "bos_token_id", "pad_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "gradient_checkpointing", "use_cache", "xla_device",
+})
 
 
 def check_encoder_config(cfg) -> None:
@@ -62,8 +90,10 @@ class CLIPTextConfig:
         check_encoder_config(self)
 
     @classmethod
-    def from_transformers_config(cls, cfg: Mapping[str, Any]) -> "CLIPTextConfig":
-        """From a text_encoder/config.json dict (generic PretrainedConfig keys are ignored)."""
+    def from_transformers_config(cls, cfg: Mapping[str, Any], source: str = "CLIP text config") -> "CLIPTextConfig":
+        """From a text_encoder/config.json dict (``source``: its path, for the messages). Generic
+        PretrainedConfig keys are ignored, unknown keys too with a warning; a value of the wrong
+        type raises."""
         model_type = cfg.get("model_type", "clip_text_model")
         if model_type != "clip_text_model":
             raise ValueError(f"expected a CLIPTextConfig (model_type 'clip_text_model'), got {model_type!r}")
@@ -71,8 +101,9 @@ class CLIPTextConfig:
         if any(a not in ("CLIPTextModel", WITH_PROJECTION) for a in archs):
             raise ValueError(f"unsupported text encoder architectures {archs}; expected CLIPTextModel "
                              f"or {WITH_PROJECTION}")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"with_projection"}
-        return cls(**{k: cfg[k] for k in fields if k in cfg}, with_projection=WITH_PROJECTION in archs)
+        kwargs = weights.config_fields(cls, cfg, CLIP_IGNORED_KEYS | TRANSFORMERS_4_KEYS, source=source,
+                                       what="CLIPTextConfig", skip=("with_projection",))
+        return cls(**kwargs, with_projection=WITH_PROJECTION in archs)
 
     def to_transformers_config(self) -> dict[str, Any]:
         """A config.json dict that transformers' CLIPTextModel(.WithProjection) loads."""
@@ -264,8 +295,13 @@ def load_tokenizer(folder: Union[str, os.PathLike]):
         raise OSError(f"could not load a CLIPTokenizer from {folder!r}: {e}") from e
 
 
-def tokenize(tokenizer, prompts: Union[str, Sequence[str]], max_length: Optional[int] = None) -> np.ndarray:
-    """Token ids padded ('max_length') and truncated to ``max_length`` -> int32 [B, L], as diffusers."""
+def tokenize(tokenizer, prompts: Union[str, Sequence[str]], max_length: Optional[int] = None,
+             warn_truncated: bool = True) -> np.ndarray:
+    """Token ids padded ('max_length') and truncated to ``max_length`` -> int32 [B, L], as diffusers.
+
+    ``warn_truncated``: one warning per call when prompts lose tokens, with the lost text (as
+    diffusers' encode_prompt logs it); off for training captions, where it would repeat each batch.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if max_length is None:
         max_length = tokenizer.model_max_length
@@ -273,4 +309,21 @@ def tokenize(tokenizer, prompts: Union[str, Sequence[str]], max_length: Optional
             raise ValueError(f"tokenizer.model_max_length is {max_length}; pass max_length explicitly")
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="np").input_ids
+    if warn_truncated:
+        _warn_truncated(tokenizer, prompts, max_length)
     return np.asarray(ids, dtype=np.int32)
+
+
+def _warn_truncated(tokenizer, prompts: list[str], max_length: int, show: int = 200) -> None:
+    """One warning for the prompts whose tokens do not fit in ``max_length`` (special tokens included)."""
+    keep = max_length - tokenizer.num_special_tokens_to_add()
+    content = tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    dropped = [(i, ids[keep:]) for i, ids in enumerate(content) if len(ids) > keep]
+    if not dropped:
+        return
+    i, lost = dropped[0]
+    text = tokenizer.decode(lost)
+    text = text if len(text) <= show else text[:show] + "..."
+    logging.warning("%d of %d prompts were truncated because CLIP can only handle sequences up to %d tokens "
+                    "(up to %d tokens dropped); the following part of prompt %d was truncated: %r",
+                    len(dropped), len(prompts), max_length, max(len(d) for _, d in dropped), i, text)

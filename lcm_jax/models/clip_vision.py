@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from lcm_jax import weights
-from lcm_jax.models.clip import (CLIPEncoder, CLIPTextConfig, CLIPTextModel, _layer_norm, check_encoder_config,
-                                 init_clip_params)
+from lcm_jax.models.clip import (CLIP_IGNORED_KEYS, TRANSFORMERS_4_KEYS, CLIPEncoder, CLIPTextConfig, CLIPTextModel,
+                                 _layer_norm, check_encoder_config, init_clip_params)
 
 Params = Any
 
@@ -50,13 +50,14 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2 + 1  # patches + the class token
 
     @classmethod
-    def from_transformers_config(cls, cfg: Mapping[str, Any]) -> "CLIPVisionConfig":
-        """From a vision_config dict (generic PretrainedConfig keys are ignored)."""
+    def from_transformers_config(cls, cfg: Mapping[str, Any], source: str = "CLIP vision config") -> "CLIPVisionConfig":
+        """From a vision_config dict (``source`` names it in the messages). Generic PretrainedConfig
+        keys are ignored, unknown keys too with a warning; a value of the wrong type raises."""
         model_type = cfg.get("model_type", "clip_vision_model")
         if model_type != "clip_vision_model":
             raise ValueError(f"expected a CLIPVisionConfig (model_type 'clip_vision_model'), got {model_type!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: cfg[k] for k in fields if k in cfg})
+        return cls(**weights.config_fields(cls, cfg, CLIP_IGNORED_KEYS | TRANSFORMERS_4_KEYS, source=source,
+                                           what="CLIPVisionConfig"))
 
 
 @flax.struct.dataclass
@@ -129,8 +130,9 @@ def init_vision_params(model: CLIPVisionModelWithProjection, rng: jax.Array) -> 
 # ----------------------------------------------------------------------------- CLIPModel folders
 
 
-def clip_model_configs(cfg: Mapping[str, Any]) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
-    """The two towers of a transformers ``CLIPConfig`` dict (model_type "clip").
+def clip_model_configs(cfg: Mapping[str, Any], source: str = "CLIP config") -> tuple[CLIPTextConfig,
+                                                                                   CLIPVisionConfig]:
+    """The two towers of a transformers ``CLIPConfig`` dict (model_type "clip"; ``source`` names it).
 
     The projections' width is the top-level ``projection_dim`` (CLIPModel ignores the
     sub-configs' own, which default to 512).
@@ -140,8 +142,9 @@ def clip_model_configs(cfg: Mapping[str, Any]) -> tuple[CLIPTextConfig, CLIPVisi
         raise ValueError(f"expected a transformers CLIPConfig (model_type 'clip' with text_config and "
                          f"vision_config), got model_type {cfg.get('model_type')!r} and keys {sorted(cfg)}")
     proj = int(cfg.get("projection_dim", 512))
-    text = CLIPTextConfig.from_transformers_config({**cfg["text_config"], "architectures": None})
-    vision = CLIPVisionConfig.from_transformers_config(cfg["vision_config"])
+    text = CLIPTextConfig.from_transformers_config({**cfg["text_config"], "architectures": None},
+                                                   source=f"{source} text_config")
+    vision = CLIPVisionConfig.from_transformers_config(cfg["vision_config"], source=f"{source} vision_config")
     return (dataclasses.replace(text, with_projection=True, projection_dim=proj),
             dataclasses.replace(vision, projection_dim=proj))
 
@@ -159,7 +162,9 @@ def load_clip_model(folder: str, dtype: Any = jnp.float32) -> tuple[CLIPTextMode
                                 f"CLIPModel.save_pretrained writes (config.json with text_config and "
                                 f"vision_config, model.safetensors)")
     try:
-        text_cfg, vision_cfg = clip_model_configs(weights.read_config(folder))
+        text_cfg, vision_cfg = clip_model_configs(weights.read_config(folder), os.path.join(folder, "config.json"))
+    except weights.ConfigFileError:
+        raise  # names the file already
     except ValueError as e:
         raise ValueError(f"{os.path.join(folder, 'config.json')!r}: {e}") from e
     text, vision = CLIPTextModel(text_cfg, dtype), CLIPVisionModelWithProjection(vision_cfg, dtype)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import weights
 from lcm_jax.models.attention import Transformer2DModel
 from lcm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from lcm_jax.models.resnet import Conv3x3, ResnetBlock2D
@@ -56,6 +57,8 @@ _FIXED_KEYS: dict[str, tuple] = {
 }
 # diffusers config keys with no effect on the architectures we support.
 _IGNORED_KEYS = frozenset({"addition_embed_type_num_heads"})
+# The UNetConfig fields, _FIXED_KEYS and _IGNORED_KEYS are exactly UNet2DConditionModel's
+# __init__ arguments (tests/test_strict_inputs.py checks it); any other key gets a warning.
 
 
 def _tuplify(v: Any) -> Any:
@@ -207,9 +210,10 @@ class UNetConfig:
 
     # ---- diffusers config.json <-> UNetConfig ----
     @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "UNetConfig":
-        """From a diffusers ``unet/config.json`` dict. Keys starting with "_" and keys this
-        model does not know are ignored; a known feature we do not implement raises."""
+    def from_diffusers_config(cls, config: Mapping[str, Any], source: str = "UNet config") -> "UNetConfig":
+        """From a diffusers ``unet/config.json`` dict (``source``: its path, for the messages).
+        Keys starting with "_" are ignored, keys diffusers does not know too, with a warning;
+        a value of the wrong type or a known feature we do not implement raises."""
         name = config.get("_class_name", "UNet2DConditionModel")
         if name != "UNet2DConditionModel":
             raise ValueError(f"config is for {name!r}, expected 'UNet2DConditionModel'")
@@ -223,8 +227,8 @@ class UNetConfig:
                                  f"{' or '.join(repr(a) for a in allowed)}")
         if config.get("norm_num_groups", 32) is None:
             raise ValueError("norm_num_groups=None (no GroupNorm) is not supported")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return cls(**weights.config_fields(cls, config, _FIXED_KEYS.keys() | _IGNORED_KEYS, source=source,
+                                           what="UNet2DConditionModel"))
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """A config.json dict that diffusers' UNet2DConditionModel.from_config builds into the

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import weights
 from lcm_jax.models.attention import dot_product_attention
 from lcm_jax.models.resnet import ResnetBlock2D
 
@@ -24,6 +25,9 @@ DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
 RESNET_EPS = 1e-6  # diffusers' Encoder/Decoder hard-code this for every norm
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
+# AutoencoderKL's __init__ arguments that are not VAEConfig fields: checked against the one
+# value we implement (the two together are exactly diffusers' arguments; tests/test_strict_inputs.py).
+CHECKED_KEYS = ("down_block_types", "up_block_types", "act_fn")
 
 
 def _tuple(v):
@@ -59,24 +63,23 @@ class VAEConfig:
                                  f"norm_num_groups={self.norm_num_groups}")
 
     @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, Any]) -> "VAEConfig":
-        """From a diffusers vae/config.json dict; raises ValueError on what we do not implement."""
+    def from_diffusers_config(cls, cfg: Mapping[str, Any], source: str = "VAE config") -> "VAEConfig":
+        """From a diffusers vae/config.json dict (``source``: its path, for the messages); raises
+        ValueError on what we do not implement and on a value of the wrong type; warns on a key
+        diffusers does not know."""
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        n = len(cfg.get("block_out_channels", cls.block_out_channels))
-        down = tuple(cfg.pop("down_block_types", (DOWN_BLOCK,) * n))
-        up = tuple(cfg.pop("up_block_types", (UP_BLOCK,) * n))
+        kwargs = weights.config_fields(cls, cfg, CHECKED_KEYS, source=source, what="AutoencoderKL")
+        n = len(kwargs.get("block_out_channels", cls.block_out_channels))
+        down = tuple(cfg.get("down_block_types", (DOWN_BLOCK,) * n))
+        up = tuple(cfg.get("up_block_types", (UP_BLOCK,) * n))
         if any(b != DOWN_BLOCK for b in down) or len(down) != n:
             raise ValueError(f"unsupported VAE down_block_types {down}: expected {n} x {DOWN_BLOCK!r}")
         if any(b != UP_BLOCK for b in up) or len(up) != n:
             raise ValueError(f"unsupported VAE up_block_types {up}: expected {n} x {UP_BLOCK!r}")
-        act = cfg.pop("act_fn", "silu")
+        act = cfg.get("act_fn", "silu")
         if act != "silu":
             raise ValueError(f"unsupported VAE act_fn {act!r}: expected 'silu'")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise ValueError(f"unsupported VAE config keys {unknown}; known: {sorted(fields)}")
-        return cls(**cfg)
+        return cls(**kwargs)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """A config.json dict that diffusers' ``AutoencoderKL.from_config`` accepts."""
