@@ -100,7 +100,7 @@ def _check_output(path: str, flag: str, suffix: str) -> None:
 
 def check_args(args: SampleArgs) -> list[str]:
     """Validate everything that can be checked without loading a model; returns the prompts."""
-    from lcm_jax import pipeline, weights
+    from lcm_jax import component_config, pipeline
     from lcm_jax.models.vae import VAEConfig
     from lcm_jax.schedules import NoiseSchedule
 
@@ -120,10 +120,11 @@ def check_args(args: SampleArgs) -> list[str]:
             raise SampleError(f"--{name}={getattr(args, name)} must be >= 1")
     try:
         sched = NoiseSchedule.from_scheduler_config(
-            weights.read_config(os.path.join(args.pretrained, "scheduler"), "scheduler_config.json"))
+            component_config.read_config(os.path.join(args.pretrained, "scheduler"), "scheduler_config.json"))
         factor = VAEConfig.from_diffusers_config(
-            weights.read_config(os.path.join(args.pretrained, "vae"))).downsample_factor
-        is_lcm = weights.read_config(os.path.join(args.pretrained, "unet")).get("time_cond_proj_dim") is not None
+            component_config.read_config(os.path.join(args.pretrained, "vae"))).downsample_factor
+        unet = component_config.read_config(os.path.join(args.pretrained, "unet"))
+        is_lcm = unet.get("time_cond_proj_dim") is not None
         guidance_range = pipeline.read_guidance_range(args.pretrained)
     except (ValueError, FileNotFoundError) as e:  # (json errors are ValueErrors)
         raise SampleError(f"--pretrained={args.pretrained!r}: {e}") from e

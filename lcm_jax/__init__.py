@@ -19,7 +19,7 @@ _EXPORTS = {
     "ConfigError": "lcm_jax.errors",
     "Interrupted": "lcm_jax.errors",
     "WeightsError": "lcm_jax.weights",
-    "ConfigFileError": "lcm_jax.weights",
+    "ConfigFileError": "lcm_jax.component_config",
     "CheckpointMismatchError": "lcm_jax.checkpoint",
     "CheckpointWriteError": "lcm_jax.checkpoint",
     "NonFiniteError": "lcm_jax.loop",

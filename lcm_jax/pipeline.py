@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import lora, sampling, weights
+from lcm_jax import component_config, lora, sampling, weights
 from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel, load_tokenizer, tokenize
 from lcm_jax.models.embeddings import TimestepEmbedding, guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -74,7 +74,8 @@ def check_guidance(guidance_scale: float, embeds_guidance: bool,
         if w != 0.0 and w < 1.0:
             raise ValueError(f"guidance_scale={w}: classifier-free guidance needs w >= 1 (1, or 0, means none)")
         return
-    trained = "" if guidance_range is None else f" (this LCM was trained on w in [{guidance_range[0]:g}, {guidance_range[1]:g}])"
+    trained = ("" if guidance_range is None
+               else f" (this LCM was trained on w in [{guidance_range[0]:g}, {guidance_range[1]:g}])")
     if w < min(1.0, guidance_range[0] if guidance_range else 1.0):
         raise ValueError(f"guidance_scale={w}: an LCM embeds omega = w - 1, expected w >= 1{trained}")
     if guidance_range is not None and not guidance_range[0] <= w <= guidance_range[1]:
@@ -86,7 +87,7 @@ def read_guidance_range(path: str) -> Optional[tuple[float, float]]:
     """The trained w range a pipeline folder records (TRAINING_FILE), or None."""
     if not os.path.isfile(os.path.join(path, TRAINING_FILE)):
         return None
-    record = weights.read_config(path, TRAINING_FILE)
+    record = component_config.read_config(path, TRAINING_FILE)
     lo_hi = record.get("guidance_range")
     if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(v, (int, float)) for v in lo_hi)):
         raise weights.WeightsError(f"{os.path.join(path, TRAINING_FILE)}: guidance_range {lo_hi!r}, expected [lo, hi]")
@@ -118,7 +119,8 @@ def text_shapes(te: CLIPTextModel) -> Any:
 
 def _load_text_encoder(folder: str, dtype: Any) -> tuple[CLIPTextModel, Any]:
     source = os.path.join(folder, "config.json")
-    te = CLIPTextModel(CLIPTextConfig.from_transformers_config(weights.read_config(folder), source), dtype=dtype)
+    te = CLIPTextModel(CLIPTextConfig.from_transformers_config(component_config.read_config(folder), source),
+                       dtype=dtype)
     params, _ = weights.load_params(folder, text_shapes(te))
     return te, params
 
@@ -190,7 +192,7 @@ class LCMPipeline:
         ``time_embedding/cond_proj``) are initialised, zero by default; anything else is strict."""
         dtype = resolve_dtype(dtype)
         check_pipeline_folder(path)
-        unet_cfg = weights.read_config(os.path.join(path, "unet"))
+        unet_cfg = component_config.read_config(os.path.join(path, "unet"))
         unet_cfg = UNetConfig.from_diffusers_config({**unet_cfg, **(unet_overrides or {})},
                                                     os.path.join(path, "unet", "config.json"))
         unet = UNet2DConditionModel(unet_cfg, dtype=dtype, zero_init_cond_proj=zero_init_cond_proj)
@@ -200,7 +202,7 @@ class LCMPipeline:
         if missing:
             unet_params["time_embedding"]["cond_proj"] = init_cond_proj(unet_cfg, zero_init_cond_proj)
 
-        vae = AutoencoderKL(VAEConfig.from_diffusers_config(weights.read_config(os.path.join(path, "vae")),
+        vae = AutoencoderKL(VAEConfig.from_diffusers_config(component_config.read_config(os.path.join(path, "vae")),
                                                             os.path.join(path, "vae", "config.json")), dtype=dtype)
         vae_params, _ = weights.load_params(os.path.join(path, "vae"), vae_shapes(vae))
         text_encoder, text_params = _load_text_encoder(os.path.join(path, "text_encoder"), dtype)
@@ -209,11 +211,11 @@ class LCMPipeline:
         if os.path.isdir(os.path.join(path, "text_encoder_2")):
             te2, params2 = _load_text_encoder(os.path.join(path, "text_encoder_2"), dtype)
             index = os.path.join(path, "model_index.json")
-            index = weights.read_config(path, "model_index.json") if os.path.isfile(index) else {}
+            index = component_config.read_config(path, "model_index.json") if os.path.isfile(index) else {}
             sdxl = dict(text_encoder_2=te2, text_params_2=params2,
                         tokenizer_2=load_tokenizer(os.path.join(path, "tokenizer_2")),
                         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
-        sched = weights.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
+        sched = component_config.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         NoiseSchedule.from_scheduler_config(sched)  # validate now, not at the first call
         return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype, **sdxl,
                    guidance_range=read_guidance_range(path))

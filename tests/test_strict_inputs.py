@@ -15,11 +15,12 @@ import pytest
 from flax import serialization
 from safetensors.numpy import load_file, save_file
 
-from lcm_jax import lora, weights
+from lcm_jax import component_config, lora, weights
 from lcm_jax.models import clip, clip_vision, unet, vae
 from lcm_jax.pipeline import LCMPipeline, unet_shapes
 from lcm_jax.tokenizer import build_word_tokenizer
-from lcm_jax.weights import ConfigFileError, WeightsError
+from lcm_jax.component_config import ConfigFileError
+from lcm_jax.weights import WeightsError
 
 from sd_models import WORDS, unet_kwargs
 
@@ -73,13 +74,13 @@ def test_pipeline_encode_prompt_warns_on_truncation(teacher, caplog):
 def test_read_config_names_the_file_of_bad_json(tmp_path):
     (tmp_path / "config.json").write_text('{"in_channels": 4,\n "out_channels": 4,}')
     with pytest.raises(ConfigFileError, match=r"config\.json' is not valid JSON: .* line 2 column"):
-        weights.read_config(str(tmp_path))
+        component_config.read_config(str(tmp_path))
     (tmp_path / "config.json").write_text("[4, 4]")
     with pytest.raises(ConfigFileError, match=r"config\.json' holds a JSON array, expected an object"):
-        weights.read_config(str(tmp_path))
+        component_config.read_config(str(tmp_path))
     (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigFileError, match=r"config\.json' is not a UTF-8"):
-        weights.read_config(str(tmp_path))
+        component_config.read_config(str(tmp_path))
 
 
 def _unet_cfg(**kw):

@@ -12,7 +12,7 @@ import torch
 from safetensors.numpy import save_file
 
 import sd_models
-from lcm_jax import weights
+from lcm_jax import component_config, weights
 from lcm_jax.models.embeddings import guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.pipeline import LCMPipeline, unet_shapes
@@ -59,7 +59,7 @@ def test_sharded_text_encoder(tmp_path):
     te = sd_models.make_text_encoder()
     te.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    model = CLIPTextModel(CLIPTextConfig.from_transformers_config(weights.read_config(str(tmp_path))))
+    model = CLIPTextModel(CLIPTextConfig.from_transformers_config(component_config.read_config(str(tmp_path))))
     params, _ = load_params(str(tmp_path), text_shapes(model))
     got = weights.flax_to_torch(params)
     for k, v in te.state_dict().items():

@@ -303,8 +303,8 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
     local = batch_size // pc
     padded = math.ceil(local / mesh.size) * mesh.size  # every call the same shape: one compile
-    batches = make_pipeline(data, lambda c: tokenize(pipe.tokenizer, c, warn_truncated=False), batch_size, int(config.get("seed", 0)),
-                            pi, pc, caption_dropout=0.0, num_epochs=1, shuffle=False, drop_remainder=False,
+    batches = make_pipeline(data, lambda c: tokenize(pipe.tokenizer, c, warn_truncated=False), batch_size,
+                            int(config.get("seed", 0)), pi, pc, caption_dropout=0.0, num_epochs=1, shuffle=False, drop_remainder=False,
                             keep_captions=True, allgather=None)
     identity = model_identity(pipe)
 

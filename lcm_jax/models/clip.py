@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import weights
+from lcm_jax import component_config
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -101,7 +101,7 @@ class CLIPTextConfig:
         if any(a not in ("CLIPTextModel", WITH_PROJECTION) for a in archs):
             raise ValueError(f"unsupported text encoder architectures {archs}; expected CLIPTextModel "
                              f"or {WITH_PROJECTION}")
-        kwargs = weights.config_fields(cls, cfg, CLIP_IGNORED_KEYS | TRANSFORMERS_4_KEYS, source=source,
+        kwargs = component_config.config_fields(cls, cfg, CLIP_IGNORED_KEYS | TRANSFORMERS_4_KEYS, source=source,
                                        what="CLIPTextConfig", skip=("with_projection",))
         return cls(**kwargs, with_projection=WITH_PROJECTION in archs)
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lcm_jax import weights
+from lcm_jax import component_config, weights
 from lcm_jax.models.clip import (CLIP_IGNORED_KEYS, TRANSFORMERS_4_KEYS, CLIPEncoder, CLIPTextConfig, CLIPTextModel,
                                  _layer_norm, check_encoder_config, init_clip_params)
 
@@ -56,7 +56,7 @@ class CLIPVisionConfig:
         model_type = cfg.get("model_type", "clip_vision_model")
         if model_type != "clip_vision_model":
             raise ValueError(f"expected a CLIPVisionConfig (model_type 'clip_vision_model'), got {model_type!r}")
-        return cls(**weights.config_fields(cls, cfg, CLIP_IGNORED_KEYS | TRANSFORMERS_4_KEYS, source=source,
+        return cls(**component_config.config_fields(cls, cfg, CLIP_IGNORED_KEYS | TRANSFORMERS_4_KEYS, source=source,
                                            what="CLIPVisionConfig"))
 
 
@@ -162,8 +162,9 @@ def load_clip_model(folder: str, dtype: Any = jnp.float32) -> tuple[CLIPTextMode
                                 f"CLIPModel.save_pretrained writes (config.json with text_config and "
                                 f"vision_config, model.safetensors)")
     try:
-        text_cfg, vision_cfg = clip_model_configs(weights.read_config(folder), os.path.join(folder, "config.json"))
-    except weights.ConfigFileError:
+        text_cfg, vision_cfg = clip_model_configs(component_config.read_config(folder),
+                                                  os.path.join(folder, "config.json"))
+    except component_config.ConfigFileError:
         raise  # names the file already
     except ValueError as e:
         raise ValueError(f"{os.path.join(folder, 'config.json')!r}: {e}") from e

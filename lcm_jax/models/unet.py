@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import weights
+from lcm_jax import component_config
 from lcm_jax.models.attention import Transformer2DModel
 from lcm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from lcm_jax.models.resnet import Conv3x3, ResnetBlock2D
@@ -227,7 +227,7 @@ class UNetConfig:
                                  f"{' or '.join(repr(a) for a in allowed)}")
         if config.get("norm_num_groups", 32) is None:
             raise ValueError("norm_num_groups=None (no GroupNorm) is not supported")
-        return cls(**weights.config_fields(cls, config, _FIXED_KEYS.keys() | _IGNORED_KEYS, source=source,
+        return cls(**component_config.config_fields(cls, config, _FIXED_KEYS.keys() | _IGNORED_KEYS, source=source,
                                            what="UNet2DConditionModel"))
 
     def to_diffusers_config(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lcm_jax import weights
+from lcm_jax import component_config
 from lcm_jax.models.attention import dot_product_attention
 from lcm_jax.models.resnet import ResnetBlock2D
 
@@ -68,7 +68,7 @@ class VAEConfig:
         ValueError on what we do not implement and on a value of the wrong type; warns on a key
         diffusers does not know."""
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        kwargs = weights.config_fields(cls, cfg, CHECKED_KEYS, source=source, what="AutoencoderKL")
+        kwargs = component_config.config_fields(cls, cfg, CHECKED_KEYS, source=source, what="AutoencoderKL")
         n = len(kwargs.get("block_out_channels", cls.block_out_channels))
         down = tuple(cfg.get("down_block_types", (DOWN_BLOCK,) * n))
         up = tuple(cfg.get("up_block_types", (UP_BLOCK,) * n))
