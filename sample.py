@@ -62,11 +62,11 @@ class SampleArgs:
 
 def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> list[str]:
     """The --prompt values, then the non-blank lines of --prompts_file."""
-    out = [p for p in prompts]
+    from lcm_jax.data.teacher_data import read_prompt_file
+    out = list(prompts)
     if prompts_file is not None:
         try:
-            with open(prompts_file, encoding="utf-8") as f:
-                out += [line.strip() for line in f if line.strip()]
+            out += read_prompt_file(prompts_file)
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read --prompts_file {prompts_file!r}: {e}") from e
     if not out:
@@ -169,18 +169,10 @@ def generate(pipe, prompts: Sequence[str], args: SampleArgs) -> tuple[np.ndarray
     return np.concatenate(out), image_prompts
 
 
-def make_grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """[rows * cols, H, W, C] -> [rows * H, cols * W, C], image r * cols + c at row r, column c."""
-    n, h, w, c = images.shape
-    if n != rows * cols:
-        raise ValueError(f"{n} images do not fill a {rows}x{cols} grid")
-    return images.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
 def save(images: np.ndarray, image_prompts: Sequence[str], num_prompts: int, out: str,
          save_npz: Optional[str]) -> None:
-    from PIL import Image
-    Image.fromarray(make_grid(images, num_prompts, len(images) // num_prompts)).save(out, format="PNG")
+    from lcm_jax.images import save_grid
+    save_grid(images, num_prompts, out)  # one row per prompt
     if save_npz:
         np.savez(save_npz, images=images, prompts=np.array(image_prompts, dtype=str))
 

@@ -6,7 +6,6 @@ RUNTIME = [
     "flax>=0.8",
     "optax",
     "orbax-checkpoint",
-    "chex",
     "ml-collections",
     "absl-py",
     "safetensors",

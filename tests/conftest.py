@@ -39,3 +39,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    """A folder of 3 clean images and one of each kind of bad file (tests/image_files.py)."""
+    from image_files import make_bad_folder
+    return make_bad_folder(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.fixture
+def frozen_keys(monkeypatch):
+    """[(batch keys, frozen keys)] of every train step compiled in the test (what is on the devices)."""
+    seen = []
+    from lcm_jax import loop
+    compile_step = loop.compile_step
+
+    def spy(step_fn, state, state_sh, example, batch_size, frozen, *a):
+        seen.append((sorted(example), sorted(frozen)))
+        return compile_step(step_fn, state, state_sh, example, batch_size, frozen, *a)
+
+    monkeypatch.setattr(loop, "compile_step", spy)
+    return seen

@@ -20,28 +20,14 @@ from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
 from lcm_jax.data.sources import DIGIT_WORDS, load_digits  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from lcm_jax.tiny import make_tiny_pipeline  # noqa: E402
-from test_train import small_config as train_config  # noqa: E402
+from training import small_config as train_config  # noqa: E402
 
 N = 360  # the digits' heldout split: small, and not a multiple of the encode batch
 
 
 def small_config(teacher, **overrides):
-    """test_train's config, 2 steps, no checkpoints, on the digits' small heldout split."""
+    """training.small_config, 2 steps, no checkpoints, on the digits' small heldout split."""
     return train_config(teacher, **{"num_steps": 2, "checkpoint_every": 0, "data.split": "heldout", **overrides})
-
-
-@pytest.fixture
-def frozen_keys(monkeypatch):
-    """[(batch keys, frozen keys)] of every train step compiled in the test (what is on the devices)."""
-    seen = []
-    compile_step = loop.compile_step
-
-    def spy(step_fn, state, state_sh, example, batch_size, frozen, *a):
-        seen.append((sorted(example), sorted(frozen)))
-        return compile_step(step_fn, state, state_sh, example, batch_size, frozen, *a)
-
-    monkeypatch.setattr(loop, "compile_step", spy)
-    return seen
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,7 @@ def test_vision_config_errors():
 
 
 def _eval_config(teacher, clip_model):
-    from test_train import small_config
+    from training import small_config
     return small_config(teacher, eval_every=1, **{"data.source": "folder", "eval.clip_model": clip_model,
                                                  "eval.steps": (1,), "eval.images_per_prompt": 1})
 

@@ -15,6 +15,7 @@ grain = pytest.importorskip("grain")
 from lcm_jax.data import decode  # noqa: E402
 from lcm_jax.data.pipeline import jax_allgather, make_pipeline  # noqa: E402
 from lcm_jax.data.tar import expand_braces, expand_shards  # noqa: E402
+from image_files import color, encode, has_webp, solid  # noqa: E402
 
 R = 16
 L = 24
@@ -31,20 +32,6 @@ def tokenize(captions):
 
 def captions_of(batch):
     return [bytes(int(x) for x in row if x).decode() for row in batch["input_ids"]]
-
-
-def color(i):
-    return (17 * i % 256, 255 - 23 * i % 256, 40 + 9 * i % 200)
-
-
-def encode(img, fmt):
-    buf = io.BytesIO()
-    img.save(buf, fmt, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def solid(i, size=(30, 20)):
-    return Image.new("RGB", size, color(i))
 
 
 def check_batch(batch, b):
@@ -96,7 +83,7 @@ def shards(tmp_path_factory):
                 i = 5 * s + j
                 key = f"{i:06d}"
                 fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
-                if fmt == "WEBP" and not _has_webp():
+                if fmt == "WEBP" and not has_webp():
                     fmt, ext = "PNG", "png"
                 members = [(f"{key}.{ext}", encode(solid(i, (24, 40)), fmt))]
                 if i % 2:
@@ -108,11 +95,6 @@ def shards(tmp_path_factory):
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
     return str(root)
-
-
-def _has_webp():
-    from PIL import features
-    return features.check("webp")
 
 
 def cfg(source, path="", **kw):
@@ -292,36 +274,6 @@ def test_worker_processes_match_threads(folder):
 
 
 # ---------------------------------------------------------------------- bad input
-@pytest.fixture(scope="module")
-def bad_folder(tmp_path_factory):
-    """3 clean images and one of each kind of bad file, each captioned 'img i' by a sidecar."""
-    root = tmp_path_factory.mktemp("bad")
-    jpeg = encode(solid(0, (40, 40)), "JPEG")
-    files = {
-        "clean0.png": encode(solid(0), "PNG"),
-        "clean1.jpg": encode(solid(1), "JPEG"),
-        "clean2.webp" if _has_webp() else "clean2.png": encode(solid(2), "WEBP" if _has_webp() else "PNG"),
-        "truncated.jpg": jpeg[:len(jpeg) // 2],
-        "garbage.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
-        "zero.jpg": b"",
-        "cmyk.jpg": encode(Image.new("CMYK", (30, 20), (0, 255, 255, 0)), "JPEG"),        # red
-        "paletted.png": encode(solid(5).convert("P"), "PNG"),
-        "gray16.png": encode(Image.fromarray(np.full((20, 30), 65535, np.uint16)), "PNG"),  # white
-        "alpha.png": encode(Image.new("RGBA", (30, 20), (0, 0, 0, 0)), "PNG"),             # transparent
-        "small.png": encode(solid(8, (5, 7)), "PNG"),
-        "nocaption.png": encode(solid(9), "PNG"),
-        "latin1.png": encode(solid(10), "PNG"),
-    }
-    for name, data in files.items():
-        (root / name).write_bytes(data)
-        stem = os.path.splitext(name)[0]
-        if stem == "latin1":
-            (root / f"{stem}.txt").write_bytes("café".encode("latin-1"))
-        elif stem != "nocaption":
-            (root / f"{stem}.txt").write_text(stem)
-    return str(root)
-
-
 def test_bad_files_are_skipped_or_repaired_and_counted(bad_folder):
     p = make_pipeline(cfg("folder", bad_folder), tokenize, 1, 0, num_epochs=1)
     got = {}

@@ -2,7 +2,7 @@
 an exact resume, SIGTERM and SIGINT (its step saved, exit 128 + signum, resumed from there), and two processes
 (jax.distributed over gloo) against one with the same total devices.
 
-(tests/train_cli.py runs them.)
+(tests/training.py runs them.)
 """
 import os
 import signal
@@ -15,22 +15,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import train_cli
-from test_train import read_state
+import training
+from training import read_state
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import sharding
 
 DEVICES = 4      # per single-process run (mesh data=4); the two-process run has 2 x 2 (fsdp=4)
 NUM_STEPS = 4    # checkpoints at 2 and 4
-RUN_TIMEOUT = train_cli.RUN_TIMEOUT
+RUN_TIMEOUT = training.RUN_TIMEOUT
 
 
 def _start(cmd, log, devices=DEVICES):
-    return train_cli.start(cmd, log, devices)
+    return training.start(cmd, log, devices)
 
 
 def _run(cmd, log, expect=0):
-    return train_cli.run(cmd, log, DEVICES, expect)
+    return training.run(cmd, log, DEVICES, expect)
 
 
 def _assert_same_state(workdir, reference, step):
@@ -47,9 +47,9 @@ def reference(tmp_path_factory):
     """One uninterrupted run to NUM_STEPS, shared by the tests below; its workdir. It makes the
     tiny teacher (WORKDIR/teacher) as configs/tiny.py does; the other single-process runs reuse it."""
     wd = str(tmp_path_factory.mktemp("reference"))
-    _run(train_cli.cmd(wd), os.path.join(wd, "train.log"))
-    assert [r["step"] for r in train_cli.rows(wd)] == list(range(1, NUM_STEPS + 1))
-    assert train_cli.finished_steps(wd) == [2, 4]
+    _run(training.cmd(wd), os.path.join(wd, "train.log"))
+    assert [r["step"] for r in training.rows(wd)] == list(range(1, NUM_STEPS + 1))
+    assert training.finished_steps(wd) == [2, 4]
     return wd
 
 
@@ -63,22 +63,22 @@ def test_sigkill_then_resume_is_exact(teacher, reference, tmp_path):
     """Killed with no warning once step 2 is committed (step 4 may be half-written): the rerun
     resumes from the newest committed step and ends bitwise where the uninterrupted run did."""
     wd, log = str(tmp_path / "run"), str(tmp_path / "killed.log")
-    proc = _start(train_cli.cmd(wd, teacher), log)
+    proc = _start(training.cmd(wd, teacher), log)
     try:
-        train_cli.wait_until(lambda: 2 in train_cli.finished_steps(wd), proc, log, "checkpoint 2")
+        training.wait_until(lambda: 2 in training.finished_steps(wd), proc, log, "checkpoint 2")
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(60) == -signal.SIGKILL, "train.py finished before it could be killed"
     finally:
         if proc.poll() is None:
             proc.kill()
     assert not os.path.exists(os.path.join(wd, "final"))
-    offset = train_cli.size(os.path.join(wd, "metrics.jsonl"))
-    out = _run(train_cli.cmd(wd, teacher), str(tmp_path / "rerun.log"))
-    start = train_cli.resumed_from(out)
-    assert start in (2, 4) and start in train_cli.finished_steps(wd)
-    rows = train_cli.rows(wd, offset)
+    offset = training.size(os.path.join(wd, "metrics.jsonl"))
+    out = _run(training.cmd(wd, teacher), str(tmp_path / "rerun.log"))
+    start = training.resumed_from(out)
+    assert start in (2, 4) and start in training.finished_steps(wd)
+    rows = training.rows(wd, offset)
     assert [r["step"] for r in rows] == list(range(start + 1, NUM_STEPS + 1))
-    ref = {r["step"]: r["loss"] for r in train_cli.rows(reference)}
+    ref = {r["step"]: r["loss"] for r in training.rows(reference)}
     assert [r["loss"] for r in rows] == [ref[r["step"]] for r in rows]  # same data, same numbers
     _assert_same_state(wd, reference, NUM_STEPS)
     assert os.path.isdir(os.path.join(wd, "final", "unet"))
@@ -92,27 +92,27 @@ def test_signal_saves_its_step_and_resumes(teacher, reference, tmp_path, signum)
     scheduler must not take it for a finished run), and the rerun continues from that step."""
     wd, log = str(tmp_path / "run"), str(tmp_path / "terminated.log")
     # checkpoint_every is resumable and past the end: the only checkpoint is the signal's
-    proc = _start(train_cli.cmd(wd, teacher, "--config.checkpoint_every=1000"), log)
+    proc = _start(training.cmd(wd, teacher, "--config.checkpoint_every=1000"), log)
     try:
-        train_cli.wait_until(lambda: any(r["step"] >= 2 for r in train_cli.rows(wd)), proc, log, "step 2")
+        training.wait_until(lambda: any(r["step"] >= 2 for r in training.rows(wd)), proc, log, "step 2")
         proc.send_signal(signum)
         rc = proc.wait(RUN_TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert rc == 128 + signum, train_cli.tail(log)
-    reached = train_cli.rows(wd)[-1]["step"]
+    assert rc == 128 + signum, training.tail(log)
+    reached = training.rows(wd)[-1]["step"]
     assert 2 <= reached < NUM_STEPS, f"stopped at step {reached}: the signal came too late to test"
-    assert train_cli.finished_steps(wd) == [reached]
-    last = train_cli.tail(log).strip().splitlines()[-1]
+    assert training.finished_steps(wd) == [reached]
+    last = training.tail(log).strip().splitlines()[-1]
     assert last == (f"train.py: {signal.Signals(signum).name} received: saved step {reached}; rerun the same "
-                    "command to resume from it"), train_cli.tail(log)
-    assert "Traceback" not in train_cli.tail(log, 10**7)
-    assert "exported" not in train_cli.tail(log) and not os.path.exists(os.path.join(wd, "final"))
-    offset = train_cli.size(os.path.join(wd, "metrics.jsonl"))
-    out = _run(train_cli.cmd(wd, teacher), str(tmp_path / "rerun.log"))
-    assert train_cli.resumed_from(out) == reached
-    assert [r["step"] for r in train_cli.rows(wd, offset)] == list(range(reached + 1, NUM_STEPS + 1))
+                    "command to resume from it"), training.tail(log)
+    assert "Traceback" not in training.tail(log, 10**7)
+    assert "exported" not in training.tail(log) and not os.path.exists(os.path.join(wd, "final"))
+    offset = training.size(os.path.join(wd, "metrics.jsonl"))
+    out = _run(training.cmd(wd, teacher), str(tmp_path / "rerun.log"))
+    assert training.resumed_from(out) == reached
+    assert [r["step"] for r in training.rows(wd, offset)] == list(range(reached + 1, NUM_STEPS + 1))
     _assert_same_state(wd, reference, NUM_STEPS)
 
 
@@ -134,7 +134,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
     procs, logs = [], []
     for i in range(2):
         logs.append(str(tmp_path / f"process{i}.log"))
-        procs.append(_start(train_cli.cmd(wd, None, "--config.mesh.data=1", f"--config.mesh.fsdp={DEVICES}",
+        procs.append(_start(training.cmd(wd, None, "--config.mesh.data=1", f"--config.mesh.fsdp={DEVICES}",
                                  f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                  f"--process_id={i}"), logs[-1], devices=DEVICES // 2))
     try:
@@ -149,12 +149,12 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
             if p.poll() is None:
                 p.kill()
     for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.wait() == 0, f"process {i} exited with {p.returncode}:\n{train_cli.tail(log)}"
-    assert "process 1 of 2, 2 local / 4 global devices" in train_cli.tail(logs[1], 10**7)
+        assert p.wait() == 0, f"process {i} exited with {p.returncode}:\n{training.tail(log)}"
+    assert "process 1 of 2, 2 local / 4 global devices" in training.tail(logs[1], 10**7)
 
-    rows = train_cli.rows(wd)  # process 0 writes the log
+    rows = training.rows(wd)  # process 0 writes the log
     assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1)) and all(np.isfinite(r["loss"]) for r in rows)
-    assert train_cli.finished_steps(wd) == [2, 4]
+    assert training.finished_steps(wd) == [2, 4]
     assert os.path.isdir(os.path.join(wd, "final", "unet"))
 
     # the checkpoint the two processes wrote, restored in this one (8 devices) on a mesh they never had
@@ -182,7 +182,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(reference,
     procs = data["processes"]
     assert [p["process_index"] for p in procs] == [0, 1] and all(p["process_count"] == 2 for p in procs)
     assert sum(p["counts"]["examples"] for p in procs) == ref_data["counts"]["examples"]
-    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in train_cli.rows(reference)], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in training.rows(reference)], rtol=1e-4, atol=1e-6)
     excess = [np.abs(np.asarray(x, np.float64) - y) - 1e-5 * np.abs(y)
               for x, y in zip(jax.tree.leaves(state), (np.asarray(y, np.float64) for y in jax.tree.leaves(template)))]
     off, total = sum(int((e > 1e-5).sum()) for e in excess), sum(e.size for e in excess)

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
 from lcm_jax import distill, lora, sharding, trainer  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
-from test_train import metrics, read_state, small_config  # noqa: E402
+from training import metrics, read_state, small_config  # noqa: E402
 
 RANK, ALPHA, STEPS = 4, 8.0, 40  # alpha != rank: the export must carry alpha / r
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}

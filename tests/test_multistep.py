@@ -12,8 +12,8 @@ from lcm_jax import distill, sampling
 from lcm_jax.consistency import segment_fn
 from lcm_jax.schedules import (NoiseSchedule, alpha_sigma, ddim_timesteps, expand_like, lognormal_pair_weights,
                                mlcd_timesteps, segment_boundaries)
-from test_distill import B, LinearTeacher, _inputs, _jax_unets, _lcd_setup
-from test_train import metrics, read_state, small_config
+from lcd_models import B, LinearTeacher, _inputs, _jax_unets, _lcd_setup
+from training import metrics, read_state, small_config
 
 SCHEDULE = NoiseSchedule.from_scheduler_config(sd_models.scheduler_config())
 

@@ -1,5 +1,5 @@
 """What a user can lose or get wrong through train.py (issue 18, items 1-4 and 13), each a real
-`python train.py` run (tests/train_cli.py) on configs/tiny.py with the session's tiny teacher."""
+`python train.py` run (tests/training.py) on configs/tiny.py with the session's tiny teacher."""
 import os
 import shlex
 import shutil
@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-import train_cli
+import training
 from lcm_jax.data.sources import DIGIT_WORDS
 from lcm_jax.tiny import make_tiny_pipeline
 
@@ -15,7 +15,7 @@ DEVICES = 4
 
 
 def _run(command, log, expect=0):
-    return train_cli.run(command, str(log), DEVICES, expect)
+    return training.run(command, str(log), DEVICES, expect)
 
 
 def _last_line(output: str) -> str:
@@ -30,28 +30,28 @@ def _mtime(path) -> float:
 def finished(teacher, tmp_path_factory):
     """A run to step 4 (checkpoints 2 and 4, final/): a workdir with something to lose."""
     wd = str(tmp_path_factory.mktemp("finished"))
-    _run(train_cli.cmd(wd, teacher), os.path.join(wd, "train.log"))
-    assert train_cli.finished_steps(wd) == [2, 4]
+    _run(training.cmd(wd, teacher), os.path.join(wd, "train.log"))
+    assert training.finished_steps(wd) == [2, 4]
     return wd
 
 
 def test_keep_checkpoints_below_1_is_refused_before_any_work(teacher, finished, tmp_path):
     """Item 1: keep_checkpoints=0 once deleted every checkpoint in the workdir (orbax max_to_keep=0)."""
     before = _mtime(os.path.join(finished, "checkpoints", "4"))
-    out = _run(train_cli.cmd(finished, teacher, "--config.keep_checkpoints=0", num_steps=6), tmp_path / "log", 2)
+    out = _run(training.cmd(finished, teacher, "--config.keep_checkpoints=0", num_steps=6), tmp_path / "log", 2)
     assert _last_line(out) == "train.py: error: config.keep_checkpoints must be >= 1, got 0"
-    assert train_cli.finished_steps(finished) == [2, 4] and _mtime(os.path.join(finished, "checkpoints", "4")) == before
+    assert training.finished_steps(finished) == [2, 4] and _mtime(os.path.join(finished, "checkpoints", "4")) == before
 
 
 def test_fewer_steps_than_the_checkpoint_is_an_error(teacher, finished, tmp_path):
     """Item 3: num_steps below the newest checkpoint once exported the later model, labelled with
     the smaller step; now both numbers are named and nothing is written."""
     final = _mtime(os.path.join(finished, "final", "unet", "diffusion_pytorch_model.safetensors"))
-    out = _run(train_cli.cmd(finished, teacher, num_steps=2), tmp_path / "log", 2)
+    out = _run(training.cmd(finished, teacher, num_steps=2), tmp_path / "log", 2)
     assert _last_line(out).startswith(f"train.py: error: config.num_steps=2, but {finished}/checkpoints already "
                                       "holds step 4: set num_steps >= 4 to continue that run")
     assert "compiled" not in out  # before any compile
-    assert train_cli.finished_steps(finished) == [2, 4]
+    assert training.finished_steps(finished) == [2, 4]
     assert _mtime(os.path.join(finished, "final", "unet", "diffusion_pytorch_model.safetensors")) == final
 
 
@@ -64,13 +64,13 @@ def test_another_teacher_is_refused_a_moved_one_resumes(teacher, finished, tmp_p
     shutil.copytree(finished, wd)
     other = str(tmp_path / "other_teacher")
     make_tiny_pipeline(other, DIGIT_WORDS, resolution=16, seed=1)
-    out = _run(train_cli.cmd(wd, other, num_steps=6), tmp_path / "other.log", 2)
+    out = _run(training.cmd(wd, other, num_steps=6), tmp_path / "other.log", 2)
     assert "was trained from another pretrained model: it was " + repr(teacher) in _last_line(out)
-    assert train_cli.finished_steps(wd) == [2, 4]
+    assert training.finished_steps(wd) == [2, 4]
     moved = str(tmp_path / "moved_teacher")
     shutil.copytree(teacher, moved)
-    out = _run(train_cli.cmd(wd, moved, num_steps=6), tmp_path / "moved.log")
-    assert train_cli.resumed_from(out) == 4 and train_cli.finished_steps(wd)[-1] == 6
+    out = _run(training.cmd(wd, moved, num_steps=6), tmp_path / "moved.log")
+    assert training.resumed_from(out) == 4 and training.finished_steps(wd)[-1] == 6
 
 
 @pytest.mark.slow
@@ -81,13 +81,13 @@ def test_divergence_keeps_the_last_good_step_and_says_how_to_resume(teacher, tmp
     the command to resume, and a resume with a lower learning rate is allowed (and logged)."""
     wd = str(tmp_path / "run")
     args = ["--config.keep_checkpoints=1", "--config.learning_rate=1e30", "--config.warmup_steps=3"]
-    command = train_cli.cmd(wd, teacher, *args, num_steps=6, checkpoint_every=1)
+    command = training.cmd(wd, teacher, *args, num_steps=6, checkpoint_every=1)
     out = _run(command, tmp_path / "diverged.log", 2)
     lines = out.strip().splitlines()
     assert lines[-2].startswith("train.py: error: non-finite loss or gradient at step 3"), out[-3000:]
     assert (f"the checkpoint of step 2, whose state produced it, was moved to {wd}/checkpoints_nonfinite/2; "
             "the newest good checkpoint is step 1") in lines[-2]
-    assert train_cli.finished_steps(wd) == [1]
+    assert training.finished_steps(wd) == [1]
     assert os.listdir(os.path.join(wd, "checkpoints_nonfinite")) == ["2"]  # kept, not deleted
     prefix = "to resume from step 1 with a 10x lower learning rate: "
     assert lines[-1].startswith(prefix)
@@ -97,9 +97,9 @@ def test_divergence_keeps_the_last_good_step_and_says_how_to_resume(teacher, tmp
     # that command, with a learning rate that does not diverge, resumes from step 1
     resume = [command[0]] + printed[1:-1] + ["--config.learning_rate=1e-3"]
     out = _run(resume, tmp_path / "resumed.log")
-    assert train_cli.resumed_from(out) == 1
+    assert training.resumed_from(out) == 1
     assert "resuming step 1 with a changed optimizer setting: learning_rate: checkpoint=1e+30, now=0.001" in out
-    assert train_cli.finished_steps(wd) == [6] and os.path.isdir(os.path.join(wd, "final", "unet"))
+    assert training.finished_steps(wd) == [6] and os.path.isdir(os.path.join(wd, "final", "unet"))
 
 
 @pytest.fixture
@@ -121,10 +121,10 @@ def test_disk_full_is_one_line_naming_the_intact_step(teacher, small_disk, tmp_p
     """Item 13: a full disk during a checkpoint write once printed 1,474 lines of orbax/asyncio
     tracebacks. Now the write is refused before it starts (it needs what the last step took):
     one line naming what failed and the newest intact step, exit 2."""
-    out = _run(train_cli.cmd(small_disk, teacher, num_steps=4, checkpoint_every=2), tmp_path / "full.log", 2)
+    out = _run(training.cmd(small_disk, teacher, num_steps=4, checkpoint_every=2), tmp_path / "full.log", 2)
     last = _last_line(out)
     assert last.startswith(f"train.py: error: not enough space to write checkpoint step 4 to {small_disk}/checkpoints: "
                            "it needs about "), out[-3000:]
     assert "the newest intact checkpoint is step 2; free the space and rerun the same command to resume" in last
     assert "Traceback" not in out and len(out.splitlines()) < 20
-    assert train_cli.finished_steps(small_disk) == [2]
+    assert training.finished_steps(small_disk) == [2]

@@ -69,7 +69,8 @@ def test_batches_seeds_and_padding():
     assert pipe.calls[0][0] == ["p", "p", "p", "q"] and pipe.calls[1][0] == ["q", "q", "q", "q"]  # padded
     assert pipe.calls[0][2]["num_inference_steps"] == 2 and pipe.calls[0][2]["scheduler"] == "ddim"
     assert images[:, 0, 0, 0].tolist() == [10, 10, 10, 10, 11, 11]
-    grid = sample.make_grid(np.arange(6)[:, None, None, None].repeat(2, 1).repeat(3, 2).astype(np.uint8), 2, 3)
+    from lcm_jax.images import grid
+    grid = grid(np.arange(6)[:, None, None, None].repeat(2, 1).repeat(3, 2).astype(np.uint8), 2)
     assert grid.shape == (4, 9, 1) and grid[0, ::3, 0].tolist() == [0, 1, 2] and grid[2, ::3, 0].tolist() == [3, 4, 5]
 
 

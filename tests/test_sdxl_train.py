@@ -14,7 +14,7 @@ import sd_models
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lcm_jax import distill, lora, trainer  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
-from test_train import small_config  # noqa: E402
+from training import small_config  # noqa: E402
 
 PROMPT = "a photo of a cat"
 MESH = {}  # one device: sharding is tested on the SD path (test_train, test_lora_distill)
@@ -79,7 +79,7 @@ def test_sdxl_lcm_lora_exports_a_lora_diffusers_loads(sdxl_teacher, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     cfg = small_config(sdxl_teacher, learning_rate=1e-3, **{"lora.rank": 4, "lora.alpha": 8.0, **MESH})
     final = trainer.train(cfg, str(tmp_path))
-    from test_train import read_state
+    from training import read_state
     trained = read_state(str(tmp_path))[0]["params"]
     base = LCMPipeline.from_pretrained(sdxl_teacher)
     merged = lora.merge(base.unet_params, trained, alpha=8.0)

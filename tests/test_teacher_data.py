@@ -16,16 +16,15 @@ from lcm_jax.data import cache as cache_lib  # noqa: E402
 from lcm_jax.data import teacher_data  # noqa: E402
 from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
-from test_cache import frozen_keys  # noqa: E402,F401  (a fixture)
-from test_train import metrics  # noqa: E402
-from test_train import small_config as train_config  # noqa: E402
+from training import metrics  # noqa: E402
+from training import small_config as train_config  # noqa: E402
 
 PROMPTS = ("a handwritten digit seven", "a handwritten digit zero", "a handwritten digit three")
 GEN = dict(num_inference_steps=2, guidance_scale=4.0, scheduler="dpm++", height=16, width=16, output_type="latent")
 
 
 def small_config(teacher, **overrides):
-    """test_train's config, 2 steps, no checkpoints, 7 teacher examples in batches of 4 (one padded)."""
+    """training.small_config, 2 steps, no checkpoints, 7 teacher examples in batches of 4 (one padded)."""
     return train_config(teacher, **{
         "num_steps": 2, "checkpoint_every": 0, "data.source": "teacher", "data.prompts": PROMPTS,
         "data.num_examples": 7, "data.teacher_batch": 4, "data.teacher_steps": 2, "data.teacher_scheduler": "dpm++",

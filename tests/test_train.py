@@ -6,47 +6,11 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from configs import tiny  # noqa: E402
-from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
-from lcm_jax import trainer  # noqa: E402
-from test_data import bad_folder  # noqa: E402,F401  (a fixture)
-
-
-def small_config(teacher, **overrides):
-    c = tiny.get_config()
-    c.pretrained = teacher
-    c.tiny_teacher = False
-    c.num_steps = 3
-    c.batch_size = 8
-    c.log_every = 1
-    c.checkpoint_every = 2
-    c.sample_prompts = ("a handwritten digit seven",)
-    c.sample_steps = ()  # no grids (a sampler compile each); the export test asks for one
-    c.mesh.data = 1
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
-
-
-def read_state(workdir, step=None):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data", "config"))
-    step = mngr.latest_step() if step is None else step
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
-    mngr.close()
-    return out["state"], out["data"]
-
-
-def metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from lcm_jax import checkpoint as ckpt_lib
+from lcm_jax import trainer
+from training import metrics, read_state, small_config
 
 
 def test_train_cli_exports_final_that_diffusers_runs(teacher, tmp_path):

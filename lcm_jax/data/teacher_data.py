@@ -33,6 +33,12 @@ _WHAT = ("prompts", "num_examples", "scheduler", "steps", "guidance")
 
 # ---------------------------------------------------------------------- config
 
+def read_prompt_file(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped: a prompts file (sample.py, data.prompts)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def load_prompts(prompts: Any) -> list[str]:
     """``data.prompts`` as a list: a tuple/list of strings, or the path of a UTF-8 text file
     with one prompt per line (blank lines ignored)."""
@@ -40,8 +46,7 @@ def load_prompts(prompts: Any) -> list[str]:
         if not os.path.isfile(prompts):
             raise FileNotFoundError(f"data.prompts {prompts!r} is not a file: give a tuple of prompts or the path "
                                     "of a UTF-8 text file with one prompt per line")
-        with open(prompts, encoding="utf-8") as f:
-            out = [line.strip() for line in f if line.strip()]
+        out = read_prompt_file(prompts)
         if not out:
             raise ValueError(f"data.prompts file {prompts!r} has no prompts (only blank lines)")
         return out

@@ -1,4 +1,5 @@
-"""Running `python train.py` as a user does, in a subprocess (shared by the fault and guard tests).
+"""Helpers of the tests that train: a small config, the checkpoint and metrics readers, and
+`python train.py` run as a user does, in a subprocess.
 
 The subprocesses share the tests' persistent compilation cache, so after the first run of a
 program shape a run costs start-up, tracing and the steps, not an XLA compile.
@@ -10,10 +11,48 @@ import sys
 import time
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny  # noqa: E402
+
+
 RUN_TIMEOUT = 900  # s per train.py run: a cold compilation cache on 2 busy cores takes minutes
+
+
+def small_config(teacher, **overrides):
+    c = tiny.get_config()
+    c.pretrained = teacher
+    c.tiny_teacher = False
+    c.num_steps = 3
+    c.batch_size = 8
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.sample_prompts = ("a handwritten digit seven",)
+    c.sample_steps = ()  # no grids (a sampler compile each); the export test asks for one
+    c.mesh.data = 1
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def read_state(workdir, step=None):
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data", "config"))
+    step = mngr.latest_step() if step is None else step
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    mngr.close()
+    return out["state"], out["data"]
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def env(devices: int) -> dict:
