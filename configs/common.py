@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_steps = (1, 2, 4)
     c.sample_guidance = 8.0
     c.sample_scheduler = "lcm"      # the student's sampler (grids, in-loop eval): lcm | mlcd (multistep, S steps)
+    c.export_params = "ema"         # what final/ holds: ema (theta^-) | online (the student); no EMA: online
     c.eval_every = 0                # in-loop evaluation every N steps (0: off); see lcm_jax/eval/inloop.py
     c.eval = ml_collections.ConfigDict()
     c.eval.steps = (1, 2, 4)        # LCM steps scored

@@ -30,7 +30,7 @@ from lcm_jax.errors import UserError
 # Keys that may change between a run and its resumption (schedule of side effects, layout).
 RESUMABLE_KEYS = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
                   "sample_prompts", "sample_steps", "sample_guidance", "mesh.", "pretrained",
-                  "tiny_teacher", "eval_every", "eval.") + (
+                  "tiny_teacher", "eval_every", "eval.", "export_params") + (
                   # the optimizer settings a user lowers after a divergence: allowed, and logged
                   "learning_rate", "lr_schedule", "warmup_steps", "grad_clip")
 OPTIMIZER_KEYS = ("learning_rate", "lr_schedule", "warmup_steps", "grad_clip")

@@ -105,7 +105,7 @@ class DistillSpec:
     @classmethod
     def from_config(cls, config) -> "DistillSpec":
         c = config.lcd
-        target = c.get("target", "ema")
+        target = c.target
         if target not in TARGETS:
             raise ValueError(f"lcd.target {target!r}: expected one of {TARGETS} (ema: theta^- = EMA of theta; "
                              "online: the student itself under stop-gradient)")
@@ -113,11 +113,10 @@ class DistillSpec:
         return cls(mode=config.mode, num_ddim_timesteps=c.num_ddim_timesteps, omega_min=c.omega_min,
                    omega_max=c.omega_max, solver=c.solver, loss=c.loss, huber_c=c.huber_c,
                    caption_dropout=config.data.caption_dropout, lora_alpha=alpha,
-                   num_segments=int(c.get("num_segments", 1)),
+                   num_segments=int(c.num_segments),
                    ema_target=target == "ema",  # LCM-LoRA: always the online LoRA (uses_ema)
-                   solver_steps=int(c.get("solver_steps", 1)), timestep_draw=c.get("timestep_draw", "uniform"),
-                   lognormal_mean=float(c.get("lognormal_mean", -1.1)),
-                   lognormal_std=float(c.get("lognormal_std", 2.0)))
+                   solver_steps=int(c.solver_steps), timestep_draw=c.timestep_draw,
+                   lognormal_mean=float(c.lognormal_mean), lognormal_std=float(c.lognormal_std))
 
 
 def lora_rank(config) -> int:
@@ -166,7 +165,7 @@ LR_SCHEDULES = ("constant", "cosine")
 def lr_schedule(config) -> optax.Schedule:
     """Linear warmup over ``warmup_steps``, then constant (diffusers' constant_with_warmup)
     or cosine decay to 0 at ``num_steps`` (``config.lr_schedule``)."""
-    kind = config.get("lr_schedule", "constant")
+    kind = config.lr_schedule
     if kind not in LR_SCHEDULES:
         raise ValueError(f"config.lr_schedule {kind!r}: expected one of {LR_SCHEDULES}")
     if kind == "cosine":

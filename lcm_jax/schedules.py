@@ -202,8 +202,8 @@ def sample_timestep_pair(rng: jax.Array, batch_size: int, num_ddim_timesteps: in
     return t_start, t_end
 
 
-def lognormal_pair_weights(schedule: NoiseSchedule, num_ddim_timesteps: int = 50, p_mean: float = -1.1,
-                           p_std: float = 2.0) -> jax.Array:
+def lognormal_pair_weights(schedule: NoiseSchedule, num_ddim_timesteps: int, p_mean: float,
+                           p_std: float) -> jax.Array:
     """iCT's discretised lognormal over the N intervals (Song & Dhariwal 2023, eq. 10):
     p(n) ~ erf((log sigma_start - P_mean) / (sqrt(2) P_std)) - erf((log sigma_end - P_mean) / ...),
     with sigma = sqrt((1 - ac) / ac) the EDM noise level of a DDPM timestep. [N] float32, sums to 1

@@ -70,9 +70,9 @@ def _check_config(config) -> distill.DistillSpec:
         raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
     if config.remat not in REMAT:
         raise ValueError(f"config.remat {config.remat!r} is not supported: expected one of {REMAT}")
-    if config.get("export_params", "ema") not in EXPORT:
+    if config.export_params not in EXPORT:
         raise ValueError(f"config.export_params {config.export_params!r}: expected one of {EXPORT}")
-    if config.get("sample_scheduler", "lcm") not in CONSISTENCY_SCHEDULERS:
+    if config.sample_scheduler not in CONSISTENCY_SCHEDULERS:
         raise ValueError(f"config.sample_scheduler {config.sample_scheduler!r}: expected one of {CONSISTENCY_SCHEDULERS}")
     if config.cond_proj_init not in ("zeros", "default"):
         raise ValueError(f"config.cond_proj_init {config.cond_proj_init!r}: expected zeros | default")
@@ -90,7 +90,7 @@ def _check_config(config) -> distill.DistillSpec:
         if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
             raise ValueError(f"config.lora.targets {targets!r}: expected a regex string or a tuple of module "
                              f"names (diffusers', as PEFT's target_modules; default lora.LCM_LORA_TARGETS)")
-    clip = config.eval.get("clip_model", "")
+    clip = config.eval.clip_model
     if clip and not os.path.isdir(clip):
         raise FileNotFoundError(f"config.eval.clip_model {clip!r} is not a folder: expected a transformers CLIPModel "
                                 "folder (config.json, model.safetensors, tokenizer, preprocessor_config.json)")
@@ -193,7 +193,7 @@ def train(config, workdir: str) -> str:
                             caption_dropout=0.0)  # the train step drops captions (DistillSpec)
 
     # the in-loop evaluator loads (or trains) its scorer and fails on a bad one before any state or compile
-    evaluate = make_evaluator(config, pipe, workdir) if config.get("eval_every", 0) else None
+    evaluate = make_evaluator(config, pipe, workdir) if config.eval_every else None
 
     # ------------------------------------------------------------------ sharded init
     frozen = _unconditional(pipe, config.data.resolution)
@@ -297,7 +297,7 @@ def _export_params(state: distill.TrainState, spec: distill.DistillSpec, config)
     """theta^- (the EMA target; default ``config.export_params``) or the online student params;
     without an EMA (``spec.uses_ema`` false: LCM-LoRA, lcd.target='online') the online params."""
     from lcm_jax.ema import ema_params
-    if spec.uses_ema and config.get("export_params", "ema") == "ema":
+    if spec.uses_ema and config.export_params == "ema":
         return ema_params(state.opt_state)
     return state.params
 
@@ -318,5 +318,5 @@ def _sample_grids(pipe: LCMPipeline, unet: UNet2DConditionModel, params: Any, co
     prompts = list(config.sample_prompts)
     for steps in config.sample_steps:
         images = lcm(prompts, num_inference_steps=int(steps), guidance_scale=config.sample_guidance,
-                     scheduler=config.get("sample_scheduler", "lcm"), seed=config.seed, num_images_per_prompt=4)
+                     scheduler=config.sample_scheduler, seed=config.seed, num_images_per_prompt=4)
         save_grid(images, len(prompts), f"{prefix}_lcm{steps}.png")

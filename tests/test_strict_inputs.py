@@ -5,6 +5,7 @@ import functools
 import inspect
 import json
 import logging
+import threading
 import os
 import re
 import shutil
@@ -26,7 +27,9 @@ from sd_models import WORDS, unet_kwargs
 
 
 def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    """This thread's warnings (an input pipeline another test left running may log from its own)."""
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.thread == threading.get_ident()]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from lcm_jax import checkpoint as ckpt_lib
@@ -106,13 +107,20 @@ def test_config_mismatch_on_resume_is_an_error(teacher, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(teacher, tmp_path):
-    # step 1 is finite and checkpointed; its update (lr 1e30) makes step 2 non-finite
-    with pytest.raises(trainer.NonFiniteError, match="at step 2"):
+    """Step 1's loss is finite and its state checkpointed, but its update (lr 1e30) makes step 2
+    non-finite: that checkpoint holds exploded (finite) params, so it is moved out of the resume
+    path (kept), and the error says no good checkpoint is left (issue 18, item 2)."""
+    with pytest.raises(trainer.NonFiniteError, match="at step 2") as e:
         trainer.train(small_config(teacher, num_steps=6, learning_rate=1e30, grad_clip=0.0,
                                    checkpoint_every=1), str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
-    state, _ = read_state(str(tmp_path), 1)
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    assert e.value.step == 2 and e.value.last_good_step is None
+    assert "the newest good checkpoint is none (a rerun starts from step 0)" in str(e.value)
+    assert os.listdir(tmp_path / "checkpoints") == [] and os.listdir(tmp_path / "checkpoints_nonfinite") == ["1"]
+    mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints_nonfinite"), item_names=("state",))
+    params = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+    mngr.close()
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    assert all(np.isfinite(x).all() for x in leaves) and max(np.abs(x).max() for x in leaves) > 1e20
     assert not os.path.exists(tmp_path / "final")
 
 

@@ -50,11 +50,11 @@ def load_or_train_scorer(path: str, resolution: int, steps: int = 0):
 
 def make_evaluator(config, pipe: LCMPipeline, workdir: str) -> Optional[Evaluator]:
     """The evaluator for this run, or None when ``config.eval_every`` is 0."""
-    if not config.get("eval_every", 0):
+    if not config.eval_every:
         return None
     steps = [int(s) for s in config.eval.steps]
     w = float(config.eval.guidance_scale)
-    scheduler = config.get("sample_scheduler", "lcm")  # mlcd for a multistep student
+    scheduler = config.sample_scheduler  # mlcd for a multistep student
     n = int(config.eval.images_per_prompt)
     compiled: dict = {}  # one sampler compile per step count, reused at every evaluation
 
@@ -76,7 +76,7 @@ def make_evaluator(config, pipe: LCMPipeline, workdir: str) -> Optional[Evaluato
         return evaluate
 
     prompts = list(config.eval.prompts or config.sample_prompts)
-    clip_folder = config.eval.get("clip_model", "")
+    clip_folder = config.eval.clip_model
     if pipe.is_lcm and not clip_folder:
         raise ValueError("config.eval_every needs a reference: the digits scorer (data.source=digits), a CLIP "
                          "model folder (config.eval.clip_model) or a plain diffusion teacher for latent "
