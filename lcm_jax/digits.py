@@ -9,7 +9,6 @@ output exists.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -163,10 +162,9 @@ def run(config, workdir: str) -> str:
     # ------------------------------------------------------------------ stage 4: evaluation
     def evaluate():
         teacher = LCMPipeline.from_pretrained(teacher_dir)
-        shared: dict = {}
-        def student(folder):
+        def student(folder):  # the teacher's components; the students share its compiled samplers
             s = LCMPipeline.from_pretrained(folder)
-            return dataclasses.replace(teacher, unet=s.unet, unet_params=s.unet_params, _compiled=shared)
+            return teacher.with_unet(s.unet, s.unet_params, s.guidance_range)
 
         lcms = {name: student(folder) for name, folder in {"LCM": final, **ablations}.items()}
         b = config.get("beyond")

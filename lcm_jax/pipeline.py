@@ -220,6 +220,16 @@ class LCMPipeline:
         return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype, **sdxl,
                    guidance_range=read_guidance_range(path))
 
+    def with_unet(self, unet: UNet2DConditionModel, unet_params: Any,
+                  guidance_range: Optional[tuple[float, float]] = None) -> "LCMPipeline":
+        """This pipeline (VAE, text encoders, tokenizers, scheduler) with another UNet and its params,
+        e.g. a student in training, and that UNet's trained guidance range. The compiled programs are
+        shared: a sampler compiled for one UNet definition serves every pipeline derived from the same
+        one (params are its arguments), so a student sampled every N steps compiles each sampler once.
+        LoRA adapters belong to the old UNet and are not carried over."""
+        return dataclasses.replace(self, unet=unet.clone(remat="none"), unet_params=unet_params,
+                                   guidance_range=guidance_range, _lora={}, _lora_weights={}, _lora_fused={})
+
     @property
     def is_lcm(self) -> bool:
         return self.unet.config.time_cond_proj_dim is not None
@@ -471,8 +481,9 @@ class LCMPipeline:
         return (images * 255).round().astype(np.uint8)
 
     def _sampler(self, scheduler: str, steps: int, use_cfg: bool, latent: bool = False):
-        """One jitted function: UNet (+CFG) over all steps, then VAE decode and postprocess."""
-        key = (scheduler, steps, use_cfg, latent)
+        """One jitted function: UNet (+CFG) over all steps, then VAE decode and postprocess; kept
+        per UNet definition in the cache the pipelines made by ``with_unet`` share."""
+        key = (self.unet, scheduler, steps, use_cfg, latent)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(make_sample_fn(
                 self.unet, self.vae, self.schedule, scheduler, steps, use_cfg, decode=not latent))

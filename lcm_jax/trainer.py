@@ -261,8 +261,7 @@ def train(config, workdir: str) -> str:
         merged = jax.device_get(full(pipe.unet_params, params))
         _sample_grids(pipe, pipe.unet, merged, config, os.path.join(workdir, "samples", "final"))
     elif is_main:
-        out = dataclasses.replace(pipe, unet=student.clone(remat="none"), unet_params=params, _compiled={},
-                                  guidance_range=(1 + config.lcd.omega_min, 1 + config.lcd.omega_max))
+        out = pipe.with_unet(student, params, guidance_range=(1 + config.lcd.omega_min, 1 + config.lcd.omega_max))
         with atomic.folder(final, overwrite=True) as tmp:
             out.save_pretrained(tmp)
         _sample_grids(out, out.unet, out.unet_params, config, os.path.join(workdir, "samples", "final"))
@@ -314,7 +313,7 @@ def _host_params(state: distill.TrainState, spec: distill.DistillSpec, config) -
 
 def _sample_grids(pipe: LCMPipeline, unet: UNet2DConditionModel, params: Any, config, prefix: str) -> None:
     """PNG grids of the fixed prompts at each of config.sample_steps LCM steps."""
-    lcm = dataclasses.replace(pipe, unet=unet.clone(remat="none"), unet_params=params, _compiled={})
+    lcm = pipe.with_unet(unet, params)  # the samplers compile once per run, not at every sample_every
     prompts = list(config.sample_prompts)
     for steps in config.sample_steps:
         images = lcm(prompts, num_inference_steps=int(steps), guidance_scale=config.sample_guidance,

@@ -142,3 +142,22 @@ def test_bad_inputs_name_the_problem(sd_dir, pipe, tmp_path):
     (bad_cfg / "unet" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="shape mismatches"):
         LCMPipeline.from_pretrained(str(bad_cfg))
+
+
+def test_with_unet_shares_compiled_samplers(lcm_dir):
+    """A student evaluated every N steps through ``with_unet`` compiles each sampler once: the
+    derived pipelines share one cache, keyed by the UNet definition (params are arguments)."""
+    import jax
+    base = LCMPipeline.from_pretrained(lcm_dir[0])
+    z = _latents(1)
+    first = base("a cat", num_inference_steps=2, latents=z, output_type="np", height=16, width=16)
+    n = len(base._compiled)
+    scaled = jax.tree.map(lambda x: x * 0.5, base.unet_params)
+    student = base.with_unet(base.unet.clone(remat="block"), scaled, guidance_range=(3.0, 7.0))
+    assert student._compiled is base._compiled and student.unet.remat == "none"
+    assert student.guidance_range == (3.0, 7.0) and not student._lora
+    other = student("a cat", num_inference_steps=2, latents=z, output_type="np", height=16, width=16)
+    assert len(base._compiled) == n  # the same program, other params
+    assert not np.allclose(first, other)
+    np.testing.assert_array_equal(base.with_unet(base.unet, base.unet_params)(
+        "a cat", num_inference_steps=2, latents=z, output_type="np", height=16, width=16), first)

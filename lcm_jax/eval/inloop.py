@@ -14,7 +14,6 @@ a user sees it. A fixed prompt set is sampled with the LCM sampler (``config.sam
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -56,10 +55,9 @@ def make_evaluator(config, pipe: LCMPipeline, workdir: str) -> Optional[Evaluato
     w = float(config.eval.guidance_scale)
     scheduler = config.sample_scheduler  # mlcd for a multistep student
     n = int(config.eval.images_per_prompt)
-    compiled: dict = {}  # one sampler compile per step count, reused at every evaluation
 
-    def student_pipe(unet, params) -> LCMPipeline:
-        return dataclasses.replace(pipe, unet=unet.clone(remat="none"), unet_params=params, _compiled=compiled)
+    def student_pipe(unet, params) -> LCMPipeline:  # one sampler compile per step count, reused each time
+        return pipe.with_unet(unet, params)
 
     if config.data.source == "digits":
         scorer = load_or_train_scorer(config.eval.scorer or os.path.join(workdir, "scorer.safetensors"),

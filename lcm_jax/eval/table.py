@@ -87,8 +87,8 @@ def evaluate(cfg, teacher: LCMPipeline, lcms: dict[str, LCMPipeline], scorer, ou
     over all seeds at ``beyond_steps``, at the table's w and at each of ``beyond_guidances``
     (rows "<name>, w=<w>", where guidance costs less FD).
 
-    ``cfg`` is ``config.table``. All LCM pipelines should share one ``_compiled`` dict (same
-    module definitions), so each (sampler, steps) compiles once.
+    ``cfg`` is ``config.table``. The LCM pipelines should come from ``teacher.with_unet`` (one
+    compiled-program cache), so each (UNet definition, sampler, steps) compiles once.
     """
     w, per_class, seeds = float(cfg.guidance_scale), int(cfg.per_class), [int(s) for s in cfg.seeds]
     grids = os.path.join(outdir, "grids")
