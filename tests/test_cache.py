@@ -64,6 +64,7 @@ def test_index_and_contents(teacher, cache):
         np.testing.assert_allclose(np.stack([g[k] for g in got]), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_from_cache_matches_images(teacher, cache, tmp_path, frozen_keys):
     """Same seed: the cache pipeline shuffles its rows as the image pipeline shuffles the images,
     and the step draws the same latent noise, so the losses agree (up to float error); the
@@ -164,6 +165,7 @@ def test_killed_write_leaves_no_cache(teacher, cache, tmp_path, monkeypatch):
         cache_lib.CacheSource(damaged)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_cache_from_a_folder(teacher, tmp_path):
     """python -m lcm_jax.data.cache, as a user runs it (images + sidecar captions, float16)."""
     images = tmp_path / "images"

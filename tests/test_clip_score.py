@@ -200,6 +200,7 @@ def _eval_config(teacher, clip_model):
                                                  "eval.steps": (1,), "eval.images_per_prompt": 1})
 
 
+@pytest.mark.slow
 def test_evaluator_reports_clip_score_and_latent_mse(teacher, clip_folder, tmp_path):
     from lcm_jax import trainer
     from lcm_jax.eval.inloop import make_evaluator

@@ -59,6 +59,7 @@ def _state(wd):
     return state
 
 
+@pytest.mark.slow
 def test_only_lora_is_trained_and_the_base_is_untouched(teacher, run):
     cfg, wd, final, seen = run
     state = _state(wd)
@@ -129,6 +130,7 @@ def test_lora_run_lowers_its_loss(teacher, run):
     assert all(np.isfinite(r["loss"]) for r in metrics(wd))
 
 
+@pytest.mark.slow
 def test_exported_lora_loads_in_diffusers(teacher, run):
     """StableDiffusionPipeline.from_pretrained(final).load_lora_weights(final): its UNet gives
     our merged student's output (and so does our own pipeline's load_lora_weights)."""
@@ -160,6 +162,7 @@ def test_exported_lora_loads_in_diffusers(teacher, run):
     np.testing.assert_allclose(np.asarray(run_unet(p.unet_params)), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_restores_the_lora_state(teacher, run, tmp_path):
     """Back to the step-20 checkpoint of the run, resumed to 40: the same LoRA, moments and losses."""
     _, wd, _, _ = run

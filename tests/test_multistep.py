@@ -170,6 +170,7 @@ def test_lognormal_draw_follows_ict_weights():
 
 # --------------------------------------------------------------------------- through the trainer
 
+@pytest.mark.slow
 def test_mlcd_trains_sharded_without_ema_resumes_and_exports(teacher, tmp_path):
     """MLCD (S = 2) with every option of the step (online target, 2 solver sub-steps, lognormal
     draw, iCT's pseudo-Huber) on 8 devices: a checkpoint without EMA, resume, export, mlcd sampler."""
@@ -193,6 +194,7 @@ def test_mlcd_trains_sharded_without_ema_resumes_and_exports(teacher, tmp_path):
     assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_consistency_training_from_a_diffusion_model(teacher, tmp_path):
     """mode ct: LCF's pair from real data, the student from the teacher's weights (no teacher in
     the loss); an LCM comes out. An LCM as the start is refused."""

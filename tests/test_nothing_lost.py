@@ -35,6 +35,7 @@ def finished(teacher, tmp_path_factory):
     return wd
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_below_1_is_refused_before_any_work(teacher, finished, tmp_path):
     """Item 1: keep_checkpoints=0 once deleted every checkpoint in the workdir (orbax max_to_keep=0)."""
     before = _mtime(os.path.join(finished, "checkpoints", "4"))
@@ -43,6 +44,7 @@ def test_keep_checkpoints_below_1_is_refused_before_any_work(teacher, finished, 
     assert training.finished_steps(finished) == [2, 4] and _mtime(os.path.join(finished, "checkpoints", "4")) == before
 
 
+@pytest.mark.slow
 def test_fewer_steps_than_the_checkpoint_is_an_error(teacher, finished, tmp_path):
     """Item 3: num_steps below the newest checkpoint once exported the later model, labelled with
     the smaller step; now both numbers are named and nothing is written."""

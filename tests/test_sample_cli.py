@@ -31,6 +31,7 @@ def lcm_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_end_to_end(lcm_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("a photo of a dog\n\n   \n")
     out, npz = tmp_path / "new" / "grid.png", tmp_path / "samples.npz"

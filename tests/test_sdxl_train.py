@@ -50,6 +50,7 @@ def test_training_encodes_prompts_as_the_pipeline_does(sdxl_teacher):
     assert not np.any(frozen["uncond"]) and not np.any(frozen["uncond_pooled"])
 
 
+@pytest.mark.slow
 def test_sdxl_lcd_exports_an_lcm_that_diffusers_runs(sdxl_teacher, tmp_path):
     """3 LCD steps; final/ is an SDXL LCM (time_cond_proj_dim) that
     StableDiffusionXLPipeline with an LCMScheduler runs to the same 1-step image as ours."""
@@ -73,6 +74,7 @@ def test_sdxl_lcd_exports_an_lcm_that_diffusers_runs(sdxl_teacher, tmp_path):
     assert err <= 2e-3
 
 
+@pytest.mark.slow
 def test_sdxl_lcm_lora_exports_a_lora_diffusers_loads(sdxl_teacher, tmp_path):
     """3 LCM-LoRA steps: only the LoRA is trained; StableDiffusionXLPipeline.load_lora_weights(final)
     gives our merged student's UNet output (with the text_time conditioning)."""

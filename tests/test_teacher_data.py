@@ -98,6 +98,7 @@ def test_existing_cache_is_reused_or_refused(teacher, generated, tmp_path, monke
         teacher_data.teacher_data_config(small_config(teacher, **{"data.path": str(tmp_path / "junk")}), None, "")
 
 
+@pytest.mark.slow
 def test_train_from_teacher_data_end_to_end(teacher, tmp_path, frozen_keys, monkeypatch):
     """trainer.train generates WORKDIR/teacher_data (over a killed write's .partial), trains from it without the VAE or the text
     encoder on the devices and exports final/; a second run on that cache does not regenerate

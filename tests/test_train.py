@@ -14,6 +14,7 @@ from lcm_jax import trainer
 from training import metrics, read_state, small_config
 
 
+@pytest.mark.slow
 def test_train_cli_exports_final_that_diffusers_runs(teacher, tmp_path):
     """python train.py end to end (a subprocess, as a user runs it)."""
     import subprocess
@@ -49,6 +50,7 @@ def test_train_cli_exports_final_that_diffusers_runs(teacher, tmp_path):
     np.testing.assert_allclose(got, ref, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_keeps_data_order(teacher, tmp_path):
     straight = str(tmp_path / "straight")
     trainer.train(small_config(teacher, num_steps=4), straight)
@@ -62,6 +64,7 @@ def test_resume_is_exact_and_keeps_data_order(teacher, tmp_path):
     assert [r["loss"] for r in metrics(straight)][2:] == [r["loss"] for r in metrics(split)][2:]
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device(teacher, tmp_path):
     losses = {}
     for name, mesh in {"one": dict(data=1, fsdp=1, tensor=1), "dp8": dict(data=8, fsdp=1, tensor=1),
@@ -100,12 +103,14 @@ def test_corrupt_latest_checkpoint_falls_back(teacher, tmp_path, caplog):
     assert [r["step"] for r in metrics(wd)][-3:] == [3, 4, 5]  # resumed from step 2
 
 
+@pytest.mark.slow
 def test_config_mismatch_on_resume_is_an_error(teacher, tmp_path):
     trainer.train(small_config(teacher, num_steps=2), str(tmp_path))
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match="lcd.solver: checkpoint='ddim', now='dpm'"):
         trainer.train(small_config(teacher, num_steps=4, **{"lcd.solver": "dpm"}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(teacher, tmp_path):
     """Step 1's loss is finite and its state checkpointed, but its update (lr 1e30) makes step 2
     non-finite: that checkpoint holds exploded (finite) params, so it is moved out of the resume
@@ -213,6 +218,7 @@ def _write_folder(folder, n=24):
         f.write(b"not a png")
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_of_bad_files_logs_what_it_skipped(teacher, bad_folder, tmp_path):
     """LCD through a folder seeded with one of each kind of bad file: training runs, and the
     skip/repair counts in metrics.jsonl are the pipeline's own for the same batches (a whole

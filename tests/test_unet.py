@@ -163,6 +163,7 @@ def _count_remats(jaxpr) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_remat_keeps_params_and_gradients():
     """remat="block"/"full" checkpoint 5/20 modules of the lcm config (2 down + mid + 2 up
     blocks; + 8 resnets and 7 transformers) yet give the same param tree and gradients."""
