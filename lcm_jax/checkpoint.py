@@ -19,12 +19,14 @@ import json
 import logging
 import os
 import re
+import shutil
 from typing import Any, Iterable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lcm_jax import sharding
 from lcm_jax.errors import UserError
 
 # Keys that may change between a run and its resumption (schedule of side effects, layout).
@@ -174,7 +176,6 @@ class Checkpointer:
             needed = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
         else:
             needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-        import shutil
         free = shutil.disk_usage(self.directory).free
         if free < needed:
             raise CheckpointWriteError(
@@ -204,7 +205,6 @@ class Checkpointer:
                 (epath.Path(self.directory) / str(s)).rename(target)
                 moved.append(str(target))
         if bad:
-            from lcm_jax import sharding
             sharding.sync_processes("quarantined")  # the others reload after process 0 moved them
             self.manager.reload()
         return moved

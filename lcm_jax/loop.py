@@ -107,38 +107,31 @@ def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: An
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     start = int(jax.device_get(state.step))
     pending: Optional[tuple[int, dict]] = None  # (step, metrics) not yet checked finite
-    unconfirmed: Optional[int] = None  # a saved step whose successor is not yet checked
     bar = tqdm.tqdm(total=num_steps, initial=start, disable=jax.process_index() != 0, desc=desc)
     postfix: dict = {}
     t_last, n_last = time.time(), start
 
     def check(step: int, metrics: dict) -> None:
-        """Raise on a non-finite step (after moving its predecessor's checkpoint aside); else the
-        predecessor's checkpoint is known good."""
-        nonlocal unconfirmed
+        """Raise on a non-finite step, after moving its predecessor's checkpoint aside; a finite
+        one makes every checkpoint before it known good."""
         try:
             check_finite(step, metrics)
         except NonFiniteError as e:
             moved = ckpt.quarantine(step - 1)
             good = ckpt.steps()
-            e.last_good_step = max(good) if good else None
+            last_good = max(good) if good else None
             where = (f"; the checkpoint of step {step - 1}, whose state produced it, was moved to {moved[0]}"
                      if moved else "")
             raise NonFiniteError(
                 f"{e}{where}; the newest good checkpoint is "
-                f"{f'step {e.last_good_step}' if good else 'none (a rerun starts from step 0)'}: rerun with a lower "
-                "learning_rate (or check the data) to resume from it", step, e.last_good_step) from None
-        if unconfirmed is not None and step > unconfirmed:
-            unconfirmed = None
+                f"{f'step {last_good}' if good else 'none (a rerun starts from step 0)'}: rerun with a lower "
+                "learning_rate (or check the data) to resume from it", step, last_good) from None
 
     def save(step: int) -> None:
-        """Prune first (orbax waits for the previous async save here anyway): every step on disk
-        is known good then, and the newest ``keep`` of them stay beside the one being written."""
-        nonlocal unconfirmed
-        if unconfirmed is None:
-            ckpt.prune()
+        """Called right after ``check(*pending)``, so every step on disk is known good: prune to the
+        newest ``keep`` of them (orbax waits for the previous async save here anyway), then write."""
+        ckpt.prune()
         ckpt.save(step, state, batches.state(), config_dict, teacher)
-        unconfirmed = step
 
     try:
         for step in range(start + 1, num_steps + 1):
@@ -179,8 +172,8 @@ def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: An
                 raise Interrupted(stop["signal"], step)
         if pending is not None:
             check(*pending)
-        save(num_steps)
-        ckpt.prune()  # the end: no successor to wait for, the final state is what is exported
+        save(num_steps)  # (already there when the loop's last step was a checkpoint step)
+        ckpt.prune()  # the end: nothing comes after the final state, the one exported
         return state
     finally:
         bar.close()

@@ -123,7 +123,7 @@ def build_student(teacher_unet: UNet2DConditionModel, teacher_params: Any, confi
 def train(config, workdir: str) -> str:
     """Run (or resume) training; returns the path of the exported ``WORKDIR/final`` pipeline.
 
-    Raises ``loop.Interrupted`` on SIGINT / SIGTERM (the step reached is saved) and
+    Raises ``errors.Interrupted`` on SIGINT / SIGTERM (the step reached is saved) and
     ``loop.NonFiniteError`` on a divergence (the newest good checkpoint kept)."""
     # ------------------------------------------------------------------ config and mesh
     spec = validate_config(config)
@@ -151,7 +151,8 @@ def train(config, workdir: str) -> str:
         sharding.sync_processes("tiny_teacher")  # the others read what process 0 wrote
     pipe = LCMPipeline.from_pretrained(pretrained, dtype=config.dtype)
     # the checkpoints' record of which model they continue (a moved folder still matches)
-    teacher_id = {"fingerprint": ckpt_lib.fingerprint(pretrained, PIPELINE_COMPONENTS), "path": os.path.abspath(pretrained)}
+    teacher_id = {"fingerprint": ckpt_lib.fingerprint(pretrained, PIPELINE_COMPONENTS),
+                  "path": os.path.abspath(pretrained)}
     if spec.mode == "lcd":
         if pipe.is_lcm:
             raise ConfigError(f"{pretrained!r} is already an LCM (its UNet has time_cond_proj_dim); "
@@ -262,6 +263,7 @@ def train(config, workdir: str) -> str:
         _sample_grids(pipe, pipe.unet, merged, config, os.path.join(workdir, "samples", "final"))
     elif is_main:
         out = pipe.with_unet(student, params, guidance_range=(1 + config.lcd.omega_min, 1 + config.lcd.omega_max))
+        # (the w range its omega embedding was trained on: final/training.json, read back by sampling)
         with atomic.folder(final, overwrite=True) as tmp:
             out.save_pretrained(tmp)
         _sample_grids(out, out.unet, out.unet_params, config, os.path.join(workdir, "samples", "final"))
