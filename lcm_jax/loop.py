@@ -168,7 +168,6 @@ def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: An
                 save(step)
             if stop["signal"] is not None:
                 logging.warning("received signal %s: saved step %d, exiting", stop["signal"], step)
-                ckpt.wait()
                 raise Interrupted(stop["signal"], step)
         if pending is not None:
             check(*pending)

@@ -90,7 +90,8 @@ def read_guidance_range(path: str) -> Optional[tuple[float, float]]:
     record = component_config.read_config(path, TRAINING_FILE)
     lo_hi = record.get("guidance_range")
     if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(isinstance(v, (int, float)) for v in lo_hi)):
-        raise weights.WeightsError(f"{os.path.join(path, TRAINING_FILE)}: guidance_range {lo_hi!r}, expected [lo, hi]")
+        raise component_config.ConfigFileError(f"{os.path.join(path, TRAINING_FILE)}: guidance_range {lo_hi!r}, "
+                                               "expected [lo, hi]")
     return float(lo_hi[0]), float(lo_hi[1])
 
 
