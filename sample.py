@@ -100,21 +100,22 @@ def _check_output(path: str, flag: str, suffix: str) -> None:
 
 def check_args(args: SampleArgs) -> list[str]:
     """Validate everything that can be checked without loading a model; returns the prompts."""
-    from lcm_jax import component_config, pipeline
+    from lcm_jax import component_config, pipeline, pipeline_folder, sampling
+    from lcm_jax.models.params import DTYPES
     from lcm_jax.models.vae import VAEConfig
     from lcm_jax.schedules import NoiseSchedule
 
     if not args.pretrained:
         raise SampleError("--pretrained is required: a diffusers-layout pipeline folder")
     try:
-        pipeline.check_pipeline_folder(args.pretrained)
+        pipeline_folder.check_pipeline_folder(args.pretrained)
     except FileNotFoundError as e:
         raise SampleError(f"--pretrained: {e}") from e
-    if args.scheduler not in pipeline.SCHEDULERS:
+    if args.scheduler not in sampling.SCHEDULERS:
         raise SampleError(f"--scheduler={args.scheduler!r} is not supported: expected one of "
-                          f"{', '.join(pipeline.SCHEDULERS)}")
-    if args.dtype not in pipeline.DTYPES:
-        raise SampleError(f"--dtype={args.dtype!r} is not supported: expected one of {', '.join(pipeline.DTYPES)}")
+                          f"{', '.join(sampling.SCHEDULERS)}")
+    if args.dtype not in DTYPES:
+        raise SampleError(f"--dtype={args.dtype!r} is not supported: expected one of {', '.join(DTYPES)}")
     for name in ("steps", "num_images", "batch_size"):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name}={getattr(args, name)} must be >= 1")
@@ -125,14 +126,14 @@ def check_args(args: SampleArgs) -> list[str]:
             component_config.read_config(os.path.join(args.pretrained, "vae"))).downsample_factor
         unet = component_config.read_config(os.path.join(args.pretrained, "unet"))
         is_lcm = unet.get("time_cond_proj_dim") is not None
-        guidance_range = pipeline.read_guidance_range(args.pretrained)
+        guidance_range = pipeline_folder.read_guidance_range(args.pretrained)
     except (ValueError, FileNotFoundError) as e:  # (json errors are ValueErrors)
         raise SampleError(f"--pretrained={args.pretrained!r}: {e}") from e
     try:
         pipeline.check_guidance(args.guidance, is_lcm, guidance_range)
     except ValueError as e:
         raise SampleError(f"--guidance: {e}") from e
-    if args.scheduler in pipeline.CONSISTENCY_SCHEDULERS and args.steps > sched.original_inference_steps:
+    if args.scheduler in sampling.CONSISTENCY_SCHEDULERS and args.steps > sched.original_inference_steps:
         raise SampleError(f"--steps={args.steps} is more than the LCM schedule's original_inference_steps="
                           f"{sched.original_inference_steps}")
     if args.steps > sched.num_train_timesteps:

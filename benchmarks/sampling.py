@@ -37,7 +37,8 @@ from flax import traverse_util
 from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.models.vae import AutoencoderKL, VAEConfig
-from lcm_jax.pipeline import LCMPipeline, text_shapes, unet_shapes, vae_shapes
+from lcm_jax.models.params import text_shapes, unet_shapes, vae_shapes
+from lcm_jax.pipeline import LCMPipeline
 from lcm_jax.tiny import SD_SCHEDULER, tiny_configs
 from lcm_jax.tokenizer import build_word_tokenizer
 

@@ -41,7 +41,7 @@ from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
 from lcm_jax import distill, lora, sharding, trainer  # noqa: E402
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from lcm_jax.models.vae import AutoencoderKL  # noqa: E402
-from lcm_jax.pipeline import resolve_dtype  # noqa: E402
+from lcm_jax.models.params import resolve_dtype  # noqa: E402
 from lcm_jax.schedules import NoiseSchedule  # noqa: E402
 from lcm_jax.tiny import SD_SCHEDULER, random_params, tiny_configs  # noqa: E402
 

@@ -8,17 +8,24 @@ CFG-combined) network in the schedule's prediction_type; it is an ordinary closu
 caller can jit the whole thing (UNet + CFG + sampler + VAE decode) at once.
 Latents are carried in float32 (diffusers upcasts the same way); init_noise_sigma is 1 for
 all of these schedulers, so z_T is standard normal noise.
+
+``make_sample_fn`` builds the whole program a pipeline jits (UNet with LCM's omega embedding or
+CFG, the sampler loop, VAE decode) as a pure function of params and inputs.
 """
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import lora
 from lcm_jax.consistency import consistency_fn, segment_fn
+from lcm_jax.models.embeddings import guidance_embedding
 from lcm_jax.schedules import (NoiseSchedule, ddim_sampling_timesteps, dpm_sampling_timesteps,
                                to_x0_eps)
 
+SCHEDULERS = ("lcm", "mlcd", "ddim", "dpm", "dpm++")
+CONSISTENCY_SCHEDULERS = ("lcm", "mlcd")  # the student samplers (the others: the teacher's, with CFG)
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 INIT_NOISE_SIGMA = 1.0  # DDIM, DPMSolverMultistep and LCM schedulers all start from N(0, I)
 
@@ -217,3 +224,79 @@ def teacher_sample(scheduler: str, model_fn: ModelFn, z_T: jax.Array, schedule: 
         raise ValueError(f"scheduler={scheduler!r}, expected one of {sorted(TEACHER_SAMPLERS)} "
                          "(or 'lcm', see lcm_sample)")
     return TEACHER_SAMPLERS[scheduler](model_fn, z_T, schedule, num_steps, **kwargs)
+
+
+# ---------------------------------------------------------------- the programs a pipeline jits
+
+def make_model_fn(unet: Any, params: Any, cond: jax.Array,
+                  uncond: Optional[jax.Array], guidance_scale: jax.Array,
+                  added_cond: Optional[dict] = None, added_uncond: Optional[dict] = None):
+    """model_fn(z, t) -> model output for the samplers: LCM omega-embedding or CFG.
+
+    ``added_cond`` / ``added_uncond``: the UNet's added_cond_kwargs (SDXL: text_embeds [B, P],
+    time_ids [B, 6]) for cond / uncond; None for SD1/SD2."""
+    if uncond is not None and (added_cond is None) != (added_uncond is None):
+        raise ValueError("CFG needs added conditioning for both cond and uncond, or for neither")
+
+    def model_fn(z, t):  # z: [B, C, h, w], t: [B]
+        if unet.config.time_cond_proj_dim is not None:
+            w = jnp.full((z.shape[0],), guidance_scale - 1.0, jnp.float32)
+            w_emb = guidance_embedding(w, unet.config.time_cond_proj_dim)
+            return unet.apply({"params": params}, z, t, cond, w_emb, added_cond)
+        if uncond is None:
+            return unet.apply({"params": params}, z, t, cond, None, added_cond)
+        both = lambda u, c: jnp.concatenate([u, c])  # noqa: E731  [2B, ...], uncond first
+        out = unet.apply({"params": params}, both(z, z), both(t, t), both(uncond, cond), None,
+                         jax.tree.map(both, added_uncond, added_cond))
+        out_uncond, out_cond = jnp.split(out, 2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+    return model_fn
+
+
+def make_sample_fn(unet: Any, vae: Any, schedule: NoiseSchedule,
+                   scheduler: str, steps: int, use_cfg: bool, decode: bool = True):
+    """The pure function the pipeline jits: initial latents -> images [N, H, W, 3] in [0, 1]
+    (``decode=False``: the final latents [N, C, h, w]). ``params["lora"]`` (optional):
+    ((lora tree, strength), ...) merged into ``params["unet"]`` first (unfused LoRA).
+    ``added`` (SDXL): (added_cond_kwargs for cond, for uncond or None), see make_model_fn."""
+    vcfg = vae.config
+    # diffusers' SDXL pipeline (not SD1's) de-normalises with the VAE's latents_mean/std when given
+    stats = (unet.config.addition_embed_type == "text_time" and vcfg.latents_mean is not None
+             and vcfg.latents_std is not None)
+
+    def unet_params(params):
+        out = params["unet"]
+        for tree, strength in params.get("lora", ()):
+            out = lora.merge(out, tree, strength)
+        return out
+
+    def model(params, cond, uncond, guidance_scale, added):
+        added_cond, added_uncond = (None, None) if added is None else added
+        return make_model_fn(unet, unet_params(params), cond, uncond if use_cfg else None, guidance_scale,
+                             added_cond, added_uncond if use_cfg else None)
+
+    def finish(params, z0):
+        if not decode:
+            return z0
+        if stats:
+            mean, std = (jnp.asarray(v, jnp.float32).reshape(1, -1, 1, 1) for v in (vcfg.latents_mean, vcfg.latents_std))
+            z0 = z0 * std / vcfg.scaling_factor + mean
+        else:
+            z0 = z0 / vcfg.scaling_factor
+        x = vae.apply({"params": params["vae"]}, z0, method=vae.decode)  # [N, 3, H, W]
+        return jnp.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    if scheduler in CONSISTENCY_SCHEDULERS:
+        def sample(params, z, cond, uncond, guidance_scale, rng, noises, timesteps, added=None):
+            model_fn = model(params, cond, uncond, guidance_scale, added)
+            if scheduler == "lcm":
+                z0 = lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises)
+            else:  # deterministic: no per-step noise
+                z0 = mlcd_sample(model_fn, z, timesteps, schedule)
+            return finish(params, z0)
+    else:
+        def sample(params, z, cond, uncond, guidance_scale, added=None):
+            z0 = teacher_sample(scheduler, model(params, cond, uncond, guidance_scale, added), z,
+                                         schedule, steps)
+            return finish(params, z0)
+    return sample

@@ -38,8 +38,11 @@ from lcm_jax.images import save_grid
 from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
 from lcm_jax.models.unet import UNet2DConditionModel
-from lcm_jax.pipeline import (COMPONENTS, CONSISTENCY_SCHEDULERS, SDXL_COMPONENTS, LCMPipeline,
-                              check_pipeline_folder, init_cond_proj, resolve_dtype, sdxl_time_ids)
+from lcm_jax.models.embeddings import sdxl_time_ids
+from lcm_jax.models.params import init_cond_proj, resolve_dtype
+from lcm_jax.pipeline import LCMPipeline
+from lcm_jax.pipeline_folder import COMPONENTS, SDXL_COMPONENTS, check_pipeline_folder
+from lcm_jax.sampling import CONSISTENCY_SCHEDULERS
 
 REMAT = ("none", "block", "full")
 PIPELINE_COMPONENTS = COMPONENTS + SDXL_COMPONENTS  # what the fingerprint covers (absent ones add nothing)

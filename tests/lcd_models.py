@@ -9,7 +9,7 @@ import numpy as np
 import sd_models
 from lcm_jax import distill
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
-from lcm_jax.pipeline import unet_shapes
+from lcm_jax.models.params import unet_shapes
 from lcm_jax.schedules import NoiseSchedule, alpha_sigma, expand_like
 from lcm_jax.weights import torch_to_flax
 

@@ -390,7 +390,7 @@ def test_errors_name_the_problem(pipe, peft_lora, tmp_path):
 def _narrower_unet_shapes():
     """Params of a UNet with other widths (for a LoRA that does not fit ``pipe``)."""
     from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
-    from lcm_jax.pipeline import unet_shapes
+    from lcm_jax.models.params import unet_shapes
     torch_unet = sd_models.make_unet()
     cfg = dict(torch_unet.config)
     cfg["block_out_channels"] = [16, 32]

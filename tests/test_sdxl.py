@@ -13,7 +13,8 @@ from safetensors.numpy import load_file
 
 import sd_models
 from lcm_jax.models.unet import UNetConfig
-from lcm_jax.pipeline import LCMPipeline, sdxl_time_ids
+from lcm_jax.models.embeddings import sdxl_time_ids
+from lcm_jax.pipeline import LCMPipeline
 from lcm_jax.weights import flax_to_torch
 
 PROMPTS = ["a photo of a cat", "a dog"]

@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from lcm_jax import component_config, lora, weights
 from lcm_jax.models import clip, clip_vision, unet, vae
-from lcm_jax.pipeline import LCMPipeline, unet_shapes
+from lcm_jax.models.params import unet_shapes
+from lcm_jax.pipeline import LCMPipeline
 from lcm_jax.tokenizer import build_word_tokenizer
 from lcm_jax.component_config import ConfigFileError
 from lcm_jax.weights import WeightsError

@@ -15,7 +15,8 @@ import sd_models
 from lcm_jax import component_config, weights
 from lcm_jax.models.embeddings import guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
-from lcm_jax.pipeline import LCMPipeline, unet_shapes
+from lcm_jax.models.params import unet_shapes
+from lcm_jax.pipeline import LCMPipeline
 from lcm_jax.weights import WeightsError, load_params
 
 COND_PROJ = ("time_embedding", "cond_proj", "kernel")
@@ -55,7 +56,7 @@ def test_sharded_checkpoint(torch_unet, target, tmp_path):
 def test_sharded_text_encoder(tmp_path):
     """transformers' shard names (model.safetensors.index.json) and its text_model. prefix."""
     from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel
-    from lcm_jax.pipeline import text_shapes
+    from lcm_jax.models.params import text_shapes
     te = sd_models.make_text_encoder()
     te.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()

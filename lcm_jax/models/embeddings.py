@@ -95,3 +95,13 @@ class TimestepEmbedding(nn.Module):
         sample = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(sample)
         sample = nn.silu(sample)
         return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(sample)  # [B, T]
+
+
+def sdxl_time_ids(height: int, width: int, n: int, original_size: Optional[tuple[int, int]] = None,
+                  crops_coords_top_left: tuple[int, int] = (0, 0),
+                  target_size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """SDXL's size/crop micro-conditioning, float32 [n, 6] = (orig_h, orig_w, crop_top, crop_left,
+    target_h, target_w); by default the output size and no crop (diffusers' _get_add_time_ids)."""
+    ids = (tuple(original_size or (height, width)) + tuple(crops_coords_top_left)
+           + tuple(target_size or (height, width)))
+    return np.tile(np.asarray(ids, np.float32), (n, 1))
