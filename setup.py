@@ -15,7 +15,7 @@ RUNTIME = [
     "transformers",  # CLIPTokenizer only at run time
     "tensorboardX",
     "scikit-learn",  # the embedded digits data set
-    "grain>=0.2.18",  # the input pipeline (lcm_jax/data/pipeline.py)
+    "grain>=0.2.18",  # the input pipeline (lcm_jax/data/input_pipeline.py)
     "matplotlib",  # the digits reproduction's plot
 ]
 

@@ -1,5 +1,5 @@
 """Input pipeline throughput: decoded + preprocessed images/s at 512x512, per CPU core, from a
-folder and from tar shards (lcm_jax.data.pipeline, the path training takes).
+folder and from tar shards (lcm_jax.data.input_pipeline, the path training takes).
 
     python benchmarks/data.py                                  # 96 JPEGs of 1024x768 -> 512x512
     python benchmarks/data.py --size 640x480 --threads 1,2,4 --epochs 3
@@ -35,7 +35,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcm_jax.data import cache, decode  # noqa: E402
-from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
+from lcm_jax.data.cache import writer as cache_writer  # noqa: E402
+from lcm_jax.data.input_pipeline import make_pipeline  # noqa: E402
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> bytes:
@@ -76,7 +77,7 @@ def write_cache(root: str, n: int, resolution: int, shard_size: int = 256) -> st
     folder = os.path.join(root, "cache")
     os.makedirs(folder)
     rng, h = np.random.default_rng(0), resolution // 8
-    writer = cache.ShardWriter(folder, shard_size)
+    writer = cache_writer.ShardWriter(folder, shard_size)
     for i in range(0, n, 64):
         k = min(64, n - i)
         writer.add({"latent_mean": rng.standard_normal((k, 4, h, h), np.float32),

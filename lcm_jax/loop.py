@@ -11,13 +11,14 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import tqdm
 
 from lcm_jax import distill, sharding
 from lcm_jax.checkpoint import Checkpointer, abstract_like
+from lcm_jax.data.batcher import Batches
 from lcm_jax.errors import Interrupted, UserError
 
 
@@ -83,7 +84,7 @@ class MetricWriter:
         self.jsonl.close()
 
 
-def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: Any, *, mesh, num_steps: int,
+def run_loop(compiled: Callable, state: Any, batches: Batches, frozen: Any, *, mesh, num_steps: int,
              log_every: int, ckpt: Checkpointer, config_dict: dict, desc: str,
              writer: Optional[MetricWriter] = None, lr_fn: Optional[Callable[[int], float]] = None,
              after_step: Optional[Callable[[int, Any], Optional[dict]]] = None,
@@ -146,7 +147,7 @@ def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: An
                 rate = (step - n_last) / max(time.time() - t_last, 1e-9)
                 t_last, n_last = time.time(), step
                 postfix.update(loss=f"{m['loss']:.4g}", steps_per_s=f"{rate:.2f}")
-                bad = sum(v for k, v in getattr(batches, "counts", {}).items() if k.startswith("skipped"))
+                bad = sum(v for k, v in batches.counts.items() if k.startswith("skipped"))
                 if bad:
                     postfix["skipped"] = bad
                 if writer is not None:
@@ -154,7 +155,7 @@ def run_loop(compiled: Callable, state: Any, batches: Iterator[dict], frozen: An
                     row["steps_per_s"] = rate
                     if lr_fn is not None:
                         row["lr"] = float(lr_fn(step))
-                    row.update({f"data_{k}": v for k, v in getattr(batches, "counts", {}).items()})
+                    row.update({f"data_{k}": v for k, v in batches.counts.items()})
                     writer.write(step, row)
             extra = after_step(step, state) if after_step is not None else None
             if extra:

@@ -120,7 +120,7 @@ def fit(loss_fn: Callable, params: Any, frozen: Any, batches: Batcher, stage, di
         state, data_state, step = restored
         batches.restore(data_state)
         logging.info("%s: resumed from step %d", desc, step)
-    example = next(iter(dataclasses.replace(batches)))
+    example = batches.peek()
     compiled = loop.compile_step(functools.partial(fit_step, loss_fn=loss_fn, tx=tx), state, state_sh,
                                  example, stage.batch_size, frozen, frozen_sh, mesh)
     writer = loop.MetricWriter(directory) if jax.process_index() == 0 else None

@@ -29,9 +29,10 @@ import numpy as np
 from lcm_jax import atomic
 from lcm_jax import checkpoint as ckpt_lib
 from lcm_jax import distill, lora, loop, sharding
-from lcm_jax.data.pipeline import make_pipeline
+from lcm_jax.data.input_pipeline import make_pipeline
 from lcm_jax.data.sources import DIGIT_WORDS
-from lcm_jax.data.teacher_data import check_teacher_data_config, teacher_data_config
+from lcm_jax.data.resolve import resolve_data
+from lcm_jax.data.teacher_data import check_teacher_data_config
 from lcm_jax.errors import ConfigError, UserError
 from lcm_jax.eval.inloop import make_evaluator
 from lcm_jax.images import save_grid
@@ -185,13 +186,8 @@ def train(config, workdir: str) -> str:
     models = distill.Models(student, teacher, pipe.vae, pipe.text_encoder, pipe.schedule, pipe.text_encoder_2)
 
     # ------------------------------------------------------------------ data
-    data_config = config.data
-    if config.data.source == "teacher":  # data-free: the teacher's own samples, generated once into a cache
-        data_config = teacher_data_config(config, pipe, workdir)  # (or reused) and read as source "cache"
+    data_config = resolve_data(config, pipe, workdir, pretrained)  # data-free: the teacher's samples, cached
     cached = data_config["source"] == "cache"  # latents + prompt embeddings from lcm_jax.data.cache
-    if cached:  # refuse a cache made by another VAE / text encoder, before anything compiles
-        from lcm_jax.data.cache import check_compatible
-        check_compatible(data_config["path"], pipe, config.data.resolution, pretrained)
     batcher = make_pipeline(data_config, functools.partial(_tokenize, pipe), config.batch_size,
                             config.seed, jax.process_index(), jax.process_count(),
                             caption_dropout=0.0)  # the train step drops captions (DistillSpec)

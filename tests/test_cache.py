@@ -15,8 +15,9 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lcm_jax import loop, trainer  # noqa: E402
 from lcm_jax.data import cache as cache_lib  # noqa: E402
+from lcm_jax.data.cache import writer as cache_writer  # noqa: E402
 from lcm_jax.data import decode  # noqa: E402
-from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
+from lcm_jax.data.input_pipeline import make_pipeline  # noqa: E402
 from lcm_jax.data.sources import DIGIT_WORDS, load_digits  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from lcm_jax.tiny import make_tiny_pipeline  # noqa: E402
@@ -33,7 +34,7 @@ def small_config(teacher, **overrides):
 @pytest.fixture(scope="module")
 def cache(teacher, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "digits")
-    index = cache_lib.write_cache(small_config(teacher), out, batch_size=64, shard_size=100)
+    index = cache_writer.write_cache(small_config(teacher), out, batch_size=64, shard_size=100)
     return out, index
 
 
@@ -138,23 +139,23 @@ def test_cache_pipeline_order_resume_and_processes(cache):
 
 def test_killed_write_leaves_no_cache(teacher, cache, tmp_path, monkeypatch):
     out = str(tmp_path / "c")
-    flush = cache_lib.ShardWriter._flush
+    flush = cache_writer.ShardWriter._flush
 
     def die_after_one(self, n):
         if self.shards:
             raise KeyboardInterrupt("killed")
         flush(self, n)
 
-    monkeypatch.setattr(cache_lib.ShardWriter, "_flush", die_after_one)
+    monkeypatch.setattr(cache_writer.ShardWriter, "_flush", die_after_one)
     with pytest.raises(KeyboardInterrupt):
-        cache_lib.write_cache(small_config(teacher), out, batch_size=64, shard_size=100)
+        cache_writer.write_cache(small_config(teacher), out, batch_size=64, shard_size=100)
     assert not os.path.exists(out) and os.listdir(out + ".partial") == ["shard-00000.safetensors"]
     with pytest.raises(ValueError, match=r"is not a folder.*c\.partial exists: that write did not finish"):
         make_pipeline({"source": "cache", "path": out, "resolution": 16}, None, 8)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        cache_lib.write_cache(small_config(teacher), cache[0])
+        cache_writer.write_cache(small_config(teacher), cache[0])
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        cache_lib.write_cache(small_config("/no/such/teacher"), out)
+        cache_writer.write_cache(small_config("/no/such/teacher"), out)
     # a damaged shard is named before any reading
     damaged = str(tmp_path / "damaged")
     os.makedirs(damaged)

@@ -1,4 +1,4 @@
-"""The grain input pipeline (lcm_jax.data.pipeline): every source yields [-1, 1] batches of the
+"""The grain input pipeline (lcm_jax.data.input_pipeline): every source yields [-1, 1] batches of the
 Batcher's format, the order is a function of the seed, resume is exact, processes split the
 data, and bad files are skipped or repaired and counted. Data is written by each test."""
 import io
@@ -13,7 +13,7 @@ from PIL import Image
 grain = pytest.importorskip("grain")
 
 from lcm_jax.data import decode  # noqa: E402
-from lcm_jax.data.pipeline import jax_allgather, make_pipeline  # noqa: E402
+from lcm_jax.data.input_pipeline import jax_allgather, make_pipeline  # noqa: E402
 from lcm_jax.data.tar import expand_braces, expand_shards  # noqa: E402
 from image_files import color, encode, has_webp, solid  # noqa: E402
 

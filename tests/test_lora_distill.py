@@ -99,7 +99,7 @@ def test_only_lora_is_trained_and_the_base_is_untouched(teacher, run):
 def test_lora_run_lowers_its_loss(teacher, run):
     """The consistency loss on fixed batches and draws (paired; the per-step training loss
     is too noisy over t to compare 40 steps) is lower for the trained LoRA than at its start."""
-    from lcm_jax.data.pipeline import make_pipeline
+    from lcm_jax.data.input_pipeline import make_pipeline
     from lcm_jax.models.clip import tokenize
     cfg, wd, _, _ = run
     pipe = LCMPipeline.from_pretrained(teacher)

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lcm_jax import trainer  # noqa: E402
 from lcm_jax.data import cache as cache_lib  # noqa: E402
 from lcm_jax.data import teacher_data  # noqa: E402
-from lcm_jax.data.pipeline import make_pipeline  # noqa: E402
+from lcm_jax.data.input_pipeline import make_pipeline  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from training import metrics  # noqa: E402
 from training import small_config as train_config  # noqa: E402

@@ -165,7 +165,7 @@ def test_training_on_a_folder_of_bad_files_logs_what_it_skipped(teacher, bad_fol
     skip/repair counts in metrics.jsonl are the pipeline's own for the same batches (a whole
     epoch of which counts exactly what was planted: test_data)."""
     from functools import partial
-    from lcm_jax.data.pipeline import make_pipeline
+    from lcm_jax.data.input_pipeline import make_pipeline
     from lcm_jax.models.clip import tokenize
     from lcm_jax.pipeline import LCMPipeline
     cfg = small_config(teacher, num_steps=2, batch_size=10, checkpoint_every=0,

@@ -1,4 +1,5 @@
-"""Deterministic, checkpointable batches over an in-memory source.
+"""The protocol every batch iterator keeps, and deterministic, checkpointable batches over an
+in-memory source (the digits teacher's stages; the grain pipeline, input_pipeline.py, is the other).
 
 The position is two integers (epoch, offset): the permutation of an epoch is a pure
 function of (seed, epoch), so restoring the position continues with exactly the next
@@ -7,9 +8,29 @@ example. Each process takes its contiguous slice of every global batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Mapping, Protocol
 
 import numpy as np
+
+
+class Batches(Protocol):
+    """What the loop reads: this process's batches, with a position a checkpoint holds."""
+
+    def __next__(self) -> dict: ...
+
+    def peek(self) -> dict:
+        """The next batch, the position untouched (to compile the step for its shapes)."""
+
+    def state(self) -> dict:
+        """The position, JSON-able; ``restore`` of it continues with exactly the next example."""
+
+    def restore(self, state: dict) -> None: ...
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        """Examples read, skipped (``skipped_*``, by reason) and repaired so far; {} if none are counted."""
+
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -43,6 +64,16 @@ class Batcher:
 
     def __iter__(self) -> Iterator[dict]:
         return self
+
+    def peek(self) -> dict:
+        return next(dataclasses.replace(self))
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        return {}  # every example in memory is good
+
+    def close(self) -> None:
+        pass
 
     def __next__(self) -> dict:
         """This process's part of the next global batch: pixels [-1, 1] NCHW, token ids."""

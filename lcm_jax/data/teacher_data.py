@@ -21,6 +21,7 @@ import numpy as np
 
 from lcm_jax import atomic
 from lcm_jax.data import cache as cache_lib
+from lcm_jax.data.cache import writer as cache_writer
 from lcm_jax.models.vae import LOGVAR_RANGE
 
 TEACHER_SCHEDULERS = ("ddim", "dpm", "dpm++")
@@ -105,7 +106,7 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
     """Generate ``data.num_examples`` latents with ``pipe`` (an LCMPipeline with a diffusion UNet,
     the teacher) from ``data.prompts`` into the latent cache ``out_dir``; returns its index.
 
-    Written to out_dir.partial and renamed when complete (cache.finalize). Raises ValueError /
+    Written to out_dir.partial and renamed when complete (cache_writer.finalize). Raises ValueError /
     FileExistsError before generating on bad arguments. Multi-host: kept simple, process 0
     generates on its default device while the others wait at a barrier (``out_dir`` on a shared
     file system); the samples are not split over the devices.
@@ -141,7 +142,7 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
     if jax.process_index() == 0:
         atomic.clear_stale(partial)  # a killed generation's (logged)
         os.makedirs(partial)
-        writer = cache_lib.ShardWriter(partial, shard_size, "float32")
+        writer = cache_writer.ShardWriter(partial, shard_size, "float32")
         scaling = float(pipe.vae.config.scaling_factor)
         with tqdm.tqdm(total=n, unit="img", desc=f"teacher data {out_dir}") as bar:
             for b in range(math.ceil(n / batch)):
@@ -164,7 +165,7 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
             embeds_shape=(pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size), dtype="float32",
             pretrained=pretrained, compute_dtype=str(config.get("dtype", "float32")), source="teacher",
             generation=settings)
-        cache_lib.finalize(partial, out_dir, index)
+        cache_writer.finalize(partial, out_dir, index)
         logging.info("teacher data: %d examples (%d prompts, %s %d steps, w=%g) in %d shards at %s", n, len(prompts),
                      settings["scheduler"], settings["steps"], settings["guidance"], len(shards), out_dir)
     sharding.sync_processes("teacher_data_done", timeout_s=24 * 3600)  # the others wait while process 0 generates

@@ -2,7 +2,7 @@
 batch -> decode and augment in worker threads (or processes) -> skip and count bad examples -> batch -> tokenize.
 
 ``make_pipeline(config.data, tokenize_fn, batch_size, seed, process_index, process_count)``
-returns a ``Pipeline``: an iterator of this process's batches
+returns a ``InputPipeline``: an iterator of this process's batches
 {"pixels": float32 [b, 3, R, R] in [-1, 1], "input_ids": int32 [b, L]} (b = batch_size /
 process_count, the Batcher's format; from a latent cache, data.source = "cache", instead
 {"latent_mean", "latent_logvar": float32 [b, C, h, w], "prompt_embeds": float32 [b, L, D]},
@@ -56,7 +56,7 @@ def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
 
 
-class Pipeline:
+class InputPipeline:
     """This process's batches, a JSON-able position (``state``/``restore``) and the running
     counts of skipped and repaired examples (``counts``; keys in ``decode.COUNTS``)."""
 
@@ -91,7 +91,7 @@ class Pipeline:
         return False
 
     # ------------------------------------------------------------------ iterator
-    def __iter__(self) -> "Pipeline":
+    def __iter__(self) -> "InputPipeline":
         return self
 
     def __next__(self) -> dict:
@@ -157,7 +157,7 @@ class Pipeline:
         if self._it is not None:
             self._it.close()
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> "InputPipeline":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -214,7 +214,7 @@ def make_pipeline(data_config, tokenize_fn: Optional[TokenizeFn], batch_size: in
                   process_index: int = 0, process_count: int = 1, *,
                   caption_dropout: Optional[float] = None, num_epochs: Optional[int] = None,
                   allgather: Union[AllGather, None, str] = "auto", shuffle: bool = True,
-                  drop_remainder: bool = True, keep_captions: bool = False) -> Pipeline:
+                  drop_remainder: bool = True, keep_captions: bool = False) -> InputPipeline:
     """The training input pipeline for ``data_config`` (``config.data``); see the module doc.
 
     data_config keys: source (digits | folder | tar | tfds | cache), path, resolution, center_crop,
@@ -287,7 +287,7 @@ def make_pipeline(data_config, tokenize_fn: Optional[TokenizeFn], batch_size: in
     describe = f"{c.get('source')} {c.get('path') or c.get('tfds_name') or ''}".strip()
     tokenize = _no_tokenize if cached else functools.partial(_tokenize_batch, tokenize_fn=tokenize_fn,
                                                              keep_captions=keep_captions)
-    pipe = Pipeline(it_ds, local_batch, tokenize, num_examples=num_examples, process_index=process_index,
+    pipe = InputPipeline(it_ds, local_batch, tokenize, num_examples=num_examples, process_index=process_index,
                     process_count=process_count, worker_count=worker_count, describe=describe,
                     allgather=_default_allgather(process_count) if allgather == "auto" else allgather,
                     drop_remainder=drop_remainder)
