@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from configs import lcd_512 as lcd_512_config  # noqa: E402
 from configs import tiny as tiny_config  # noqa: E402
 from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
-from lcm_jax import distill, lora, sharding, trainer  # noqa: E402
+from lcm_jax import distill, lora, sharding, train_state, trainer  # noqa: E402
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from lcm_jax.models.vae import AutoencoderKL  # noqa: E402
 from lcm_jax.models.params import resolve_dtype  # noqa: E402
@@ -109,7 +109,7 @@ def make_setup(size: str, dtype: str = "float32", remat: str = "none", batch_siz
              "latent_logvar": np.full((b, 4, h, h), -4.0, np.float32),
              "prompt_embeds": rng.standard_normal((b, length, width)).astype(np.float32)}
     frozen = {"teacher": t_params, "uncond": rng.standard_normal((1, length, width)).astype(np.float32)}
-    return Setup(config, models, distill.DistillSpec.from_config(config), distill.make_optimizer(config),
+    return Setup(config, models, distill.DistillSpec.from_config(config), train_state.make_optimizer(config, config.lcd.ema_decay),
                  s_params, frozen, batch)
 
 
@@ -119,7 +119,7 @@ def _sds(tree, shardings):
 
 def compile_step(s: Setup, mesh) -> dict:
     """The trainer's jit (shardings, donated state) lowered and compiled against shapes only."""
-    init_fn = functools.partial(distill.init_state, tx=s.tx, seed=0)
+    init_fn = functools.partial(train_state.init_state, tx=s.tx, seed=0)
     abstract = jax.eval_shape(init_fn, s.params)
     state_sh = sharding.tree_shardings(abstract, mesh)
     frozen_sh = sharding.tree_shardings(s.frozen, mesh)
@@ -145,7 +145,7 @@ def gpu_flops(s: Setup) -> float:
     """FLOPs of the same step lowered for GPU (unsharded, not compiled): XLA:CPU runs SD-length
     attention as a loop (lcm_jax.models.attention) whose body its cost analysis counts once."""
     fn = functools.partial(distill.train_step, spec=s.spec, models=s.models, tx=s.tx)
-    abstract = jax.eval_shape(functools.partial(distill.init_state, tx=s.tx, seed=0), s.params)
+    abstract = jax.eval_shape(functools.partial(train_state.init_state, tx=s.tx, seed=0), s.params)
     sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)  # noqa: E731
     try:
         return _cost(jax.jit(fn).trace(abstract, sds(s.batch), sds(s.frozen))
@@ -367,7 +367,7 @@ def print_sd(rows: list[dict]) -> None:
 def part_memory() -> dict:
     """Bytes per device of params / Adam moments / EMA for the SD student, data=8 vs fsdp=8."""
     s = make_setup("sd", abstract=True)
-    abstract = jax.eval_shape(functools.partial(distill.init_state, tx=s.tx, seed=0), s.params)
+    abstract = jax.eval_shape(functools.partial(train_state.init_state, tx=s.tx, seed=0), s.params)
     out = {}
     for name, mesh_cfg in (("data=8", dict(data=8, fsdp=1, tensor=1)), ("fsdp=8", dict(data=1, fsdp=8, tensor=1))):
         mesh = sharding.make_mesh(mesh_cfg)
@@ -460,7 +460,7 @@ def lora_setup(s: Setup, rank: int) -> Setup:
     params = jax.tree.map(np.asarray, lora.init_lora(s.frozen["teacher"], rank, tuple(config.lora.targets),
                                                      rng=jax.random.PRNGKey(0)))
     return Setup(config, s.models._replace(student=teacher), distill.DistillSpec.from_config(config),
-                 distill.make_optimizer(config, with_ema=False), params, s.frozen, s.batch)
+                 train_state.make_optimizer(config, None), params, s.frozen, s.batch)
 
 
 def part_lora(repeats: int, rank: int = 8) -> dict:

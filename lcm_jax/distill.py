@@ -28,14 +28,13 @@ import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
 from lcm_jax import lora
 from lcm_jax.consistency import consistency_fn, segment_fn
-from lcm_jax.ema import ema, ema_params
+from lcm_jax.ema import ema_params
 from lcm_jax.models.clip import CLIPTextModel
 from lcm_jax.models.embeddings import guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel
@@ -43,6 +42,7 @@ from lcm_jax.models.vae import AutoencoderKL, sample_latent
 from lcm_jax.schedules import (NoiseSchedule, alpha_sigma, expand_like, lognormal_pair_weights,
                                sample_timestep_pair, segment_boundaries, segment_edges, to_x0_eps)
 from lcm_jax.solvers import get_solver
+from lcm_jax.train_state import TrainState, apply_loss
 
 MODES = ("lcd", "lcf", "ct")
 LOSSES = ("l2", "huber")
@@ -148,49 +148,6 @@ class Models(NamedTuple):
     text_encoder: CLIPTextModel
     schedule: NoiseSchedule
     text_encoder_2: Optional[CLIPTextModel] = None  # SDXL's second encoder (with projection)
-
-
-class TrainState(flax.struct.PyTreeNode):
-    """Everything that changes during training: one pytree (checkpointed as a whole)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any  # holds theta^- (ema.EmaState); LCM-LoRA: none (the target is the online LoRA)
-    rng: jax.Array
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def lr_schedule(config) -> optax.Schedule:
-    """Linear warmup over ``warmup_steps``, then constant (diffusers' constant_with_warmup)
-    or cosine decay to 0 at ``num_steps`` (``config.lr_schedule``)."""
-    kind = config.lr_schedule
-    if kind not in LR_SCHEDULES:
-        raise ValueError(f"config.lr_schedule {kind!r}: expected one of {LR_SCHEDULES}")
-    if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1),
-                                                  max(config.num_steps, config.warmup_steps + 1))
-    if config.warmup_steps:  # holds the end value after the warmup
-        return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-    return optax.constant_schedule(config.learning_rate)
-
-
-def make_optimizer(config, ema_decay: Optional[float] = None, ema_warmup: bool = False,
-                   with_ema: bool = True) -> optax.GradientTransformation:
-    """clip -> AdamW (``lr_schedule``) -> EMA target (``ema_decay``, default ``config.lcd.ema_decay``;
-    ``ema_warmup``: diffusers' EMAModel rate, for models trained from scratch; ``with_ema=False``:
-    none, for LCM-LoRA, whose target is the online student); MultiSteps for gradient accumulation."""
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        optax.adamw(lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                    weight_decay=config.weight_decay),
-        ema(config.lcd.ema_decay if ema_decay is None else ema_decay, warmup=ema_warmup) if with_ema
-        else optax.identity(),
-    )
-    if config.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
-    return tx
 
 
 # --------------------------------------------------------------------------- pieces
@@ -358,16 +315,5 @@ def train_step(state: TrainState, batch: dict, frozen: Any, *, spec: DistillSpec
     rng, r_enc, r_loss = jax.random.split(state.rng, 3)
     latents, cond, added = encode_batch(models, frozen, batch, r_enc, with_added=True)
     target = ema_params(state.opt_state) if spec.uses_ema else None
-    (loss, aux), grads = jax.value_and_grad(distill_loss, has_aux=True)(
-        state.params, target, frozen, latents, cond, r_loss, spec, models, added)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
-
-
-def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
+    return apply_loss(state, tx, lambda p: distill_loss(p, target, frozen, latents, cond, r_loss, spec, models,
+                                                        added), rng)

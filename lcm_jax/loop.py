@@ -1,11 +1,11 @@
-"""The loop every trainer here shares: step, log, check finiteness, checkpoint, pre-emption.
+"""The one training driver: restore, compile, then step, log, check finiteness, checkpoint, stop.
 
-LCD/LCF (trainer.py) and the teacher stages (teacher.py) differ in their step function and
-their side outputs, not in how a step is driven, logged, checkpointed or stopped.
+LCD/LCF/CT (trainer.py) and the digits teacher's stages differ in their step function and their
+side outputs, not in how a state is restored, a step compiled, driven, logged, checkpointed or
+stopped: ``fit`` does all of that for both.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import jax
 import tqdm
 
-from lcm_jax import distill, sharding
+from lcm_jax import sharding
 from lcm_jax.checkpoint import Checkpointer, abstract_like
 from lcm_jax.data.batcher import Batches
 from lcm_jax.errors import Interrupted, UserError
@@ -29,15 +29,6 @@ class NonFiniteError(UserError, FloatingPointError):
     def __init__(self, message: str, step: int, last_good_step: Optional[int] = None):
         super().__init__(message)
         self.step, self.last_good_step = step, last_good_step
-
-
-def init_sharded(params: Any, tx, seed: int, mesh) -> tuple[distill.TrainState, Any]:
-    """The train state built on the mesh by the partition rules; (state, its shardings)."""
-    init_fn = functools.partial(distill.init_state, tx=tx, seed=seed)
-    state_sh = sharding.tree_shardings(jax.eval_shape(init_fn, params), mesh)
-    params_sh = sharding.tree_shardings(params, mesh)
-    state = jax.jit(init_fn, in_shardings=(params_sh,), out_shardings=state_sh)(sharding.put(params, params_sh))
-    return state, state_sh
 
 
 def compile_step(step_fn: Callable, state: Any, state_sh: Any, example: dict, batch_size: int,
@@ -180,3 +171,35 @@ def run_loop(compiled: Callable, state: Any, batches: Batches, frozen: Any, *, m
         for s, handler in previous.items():
             signal.signal(s, handler)
         ckpt.wait()
+
+
+def fit(step_fn: Callable, state: Any, state_sh: Any, batches: Batches, frozen: Any, *, mesh,
+        ckpt: Checkpointer, config_dict: dict, num_steps: int, batch_size: int, log_every: int, desc: str,
+        metrics_dir: str = "", lr_fn: Optional[Callable[[int], float]] = None,
+        after_step: Optional[Callable[[int, Any], Optional[dict]]] = None,
+        teacher: Optional[dict] = None) -> Any:
+    """Train ``state`` (built on the mesh: train_state.init_sharded) with ``step_fn(state, batch,
+    frozen) -> (state, metrics)`` up to ``num_steps``; returns the final state. ``frozen``: the
+    step's constant inputs, placed on the mesh by the partition rules (sharding.put).
+
+    Restores the newest good checkpoint of ``ckpt`` (state and the data position of ``batches``;
+    refused for another ``config_dict`` or ``teacher``), compiles the step ahead of time for the
+    next batch's shapes, runs ``run_loop`` and closes the checkpointer and the metric writer
+    (``metrics_dir``: TensorBoard + metrics.jsonl there, from process 0; empty: none).
+    """
+    frozen_sh = sharding.tree_shardings(frozen, mesh)  # (as the caller placed it: sharding.put)
+    restored = ckpt.restore(abstract_like(state, state_sh), config_dict, teacher)
+    if restored is not None:
+        state, data_state, step = restored
+        batches.restore(data_state)
+        logging.info("%s: resumed from step %d (%s)", desc, step, ckpt.directory)
+    compiled = compile_step(step_fn, state, state_sh, batches.peek(), batch_size, frozen, frozen_sh, mesh)
+    writer = MetricWriter(metrics_dir) if metrics_dir and jax.process_index() == 0 else None
+    try:
+        return run_loop(compiled, state, batches, frozen, mesh=mesh, num_steps=num_steps, log_every=log_every,
+                        ckpt=ckpt, config_dict=config_dict, desc=desc, writer=writer, lr_fn=lr_fn,
+                        after_step=after_step, teacher=teacher)
+    finally:
+        if writer is not None:
+            writer.close()
+        ckpt.close()

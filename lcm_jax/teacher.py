@@ -27,7 +27,7 @@ import optax
 
 from lcm_jax import atomic
 from lcm_jax import checkpoint as ckpt_lib
-from lcm_jax import distill, loop, sharding
+from lcm_jax import distill, loop, sharding, train_state
 from lcm_jax.data.batcher import Batcher
 from lcm_jax.data.sources import DIGIT_WORDS, load_source
 from lcm_jax.ema import ema_params
@@ -87,16 +87,11 @@ def diffusion_loss(params: Any, frozen: Any, batch: dict, rng: jax.Array, *, mod
     return jnp.mean((out - target) ** 2), {}
 
 
-def fit_step(state: distill.TrainState, batch: dict, frozen: Any, *, loss_fn: Callable,
-             tx: optax.GradientTransformation) -> tuple[distill.TrainState, dict]:
+def fit_step(state: train_state.TrainState, batch: dict, frozen: Any, *, loss_fn: Callable,
+             tx: optax.GradientTransformation) -> tuple[train_state.TrainState, dict]:
     """One optimizer step of ``loss_fn(params, frozen, batch, rng) -> (loss, aux)``."""
     rng, r_loss = jax.random.split(state.rng)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, r_loss)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm), **aux}
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, rng=rng), metrics
+    return train_state.apply_loss(state, tx, lambda p: loss_fn(p, frozen, batch, r_loss), rng)
 
 
 # --------------------------------------------------------------------------- the loop around them
@@ -108,30 +103,15 @@ def fit(loss_fn: Callable, params: Any, frozen: Any, batches: Batcher, stage, di
     Returns the EMA params (host numpy); a signal raises ``errors.Interrupted`` (its step saved).
     """
     stage = stage_config(stage)
-    tx = distill.make_optimizer(stage, stage.ema_decay, ema_warmup=True)  # from scratch: diffusers' EMAModel
-    state, state_sh = loop.init_sharded(params, tx, stage.seed, mesh)
-    frozen_sh = sharding.tree_shardings(frozen, mesh)
-    frozen = sharding.put(frozen, frozen_sh)
-    config_dict = stage.to_dict()
+    tx = train_state.make_optimizer(stage, stage.ema_decay, ema_warmup=True)  # from scratch: diffusers' EMAModel
+    state, state_sh = train_state.init_sharded(params, tx, stage.seed, mesh)
     ckpt = ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints"), keep=1, every=stage.checkpoint_every)
     ckpt.check_within(stage.num_steps)
-    restored = ckpt.restore(ckpt_lib.abstract_like(state, state_sh), config_dict)
-    if restored is not None:
-        state, data_state, step = restored
-        batches.restore(data_state)
-        logging.info("%s: resumed from step %d", desc, step)
-    example = batches.peek()
-    compiled = loop.compile_step(functools.partial(fit_step, loss_fn=loss_fn, tx=tx), state, state_sh,
-                                 example, stage.batch_size, frozen, frozen_sh, mesh)
-    writer = loop.MetricWriter(directory) if jax.process_index() == 0 else None
-    try:
-        state = loop.run_loop(compiled, state, batches, frozen, mesh=mesh, num_steps=stage.num_steps,
-                                         log_every=stage.log_every, ckpt=ckpt, config_dict=config_dict,
-                                         desc=desc, writer=writer, lr_fn=distill.lr_schedule(stage))
-    finally:
-        if writer is not None:
-            writer.close()
-        ckpt.close()
+    state = loop.fit(functools.partial(fit_step, loss_fn=loss_fn, tx=tx), state, state_sh, batches,
+                     sharding.put(frozen, sharding.tree_shardings(frozen, mesh)), mesh=mesh, ckpt=ckpt,
+                     config_dict=stage.to_dict(), num_steps=stage.num_steps, batch_size=stage.batch_size,
+                     log_every=stage.log_every, desc=desc, metrics_dir=directory,
+                     lr_fn=train_state.lr_schedule(stage))
     return jax.device_get(ema_params(state.opt_state))
 
 

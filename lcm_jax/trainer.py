@@ -28,7 +28,7 @@ import numpy as np
 
 from lcm_jax import atomic
 from lcm_jax import checkpoint as ckpt_lib
-from lcm_jax import distill, lora, loop, sharding
+from lcm_jax import distill, lora, loop, sharding, train_state
 from lcm_jax.data.input_pipeline import make_pipeline
 from lcm_jax.data.sources import DIGIT_WORDS
 from lcm_jax.data.resolve import resolve_data
@@ -66,7 +66,7 @@ def validate_config(config) -> distill.DistillSpec:
 def _check_config(config) -> distill.DistillSpec:
     spec = distill.DistillSpec.from_config(config)
     resolve_dtype(config.dtype)
-    distill.lr_schedule(config)  # raises on an unknown schedule
+    train_state.lr_schedule(config)  # raises on an unknown schedule
     for key in ("num_steps", "batch_size", "grad_accum", "keep_checkpoints"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
@@ -203,27 +203,12 @@ def train(config, workdir: str) -> str:
             frozen.update(text_2=pipe.text_params_2)
     if teacher is not None:  # LCM-LoRA: also the student's base weights
         frozen["teacher"] = pipe.unet_params
-    frozen_sh = sharding.tree_shardings(frozen, mesh)
-    frozen = sharding.put(frozen, frozen_sh)
-    tx = distill.make_optimizer(config, with_ema=spec.uses_ema)  # else the target is the online student
-    state, state_sh = loop.init_sharded(params, tx, config.seed, mesh)
+    frozen = sharding.put(frozen, sharding.tree_shardings(frozen, mesh))
+    tx = train_state.make_optimizer(config, config.lcd.ema_decay if spec.uses_ema else None)  # else: the online target
+    state, state_sh = train_state.init_sharded(params, tx, config.seed, mesh)
     del params
 
-    # ------------------------------------------------------------------ restore
-    config_dict = _config_dict(config)
-    restored = ckpt.restore(ckpt_lib.abstract_like(state, state_sh), config_dict, teacher_id)
-    if restored is not None:
-        state, data_state, step = restored
-        batcher.restore(data_state)
-        logging.info("resumed from step %d (%s)", step, ckpt.directory)
-
-    # ------------------------------------------------------------------ compiled step
-    example = batcher.peek()  # the position is untouched
-    compiled = loop.compile_step(functools.partial(distill.train_step, spec=spec, models=models, tx=tx),
-                                 state, state_sh, example, config.batch_size, frozen, frozen_sh, mesh)
-
-    # ------------------------------------------------------------------ loop
-    writer = loop.MetricWriter(workdir) if is_main else None
+    # ------------------------------------------------------------------ restore, compile, loop
     # the student UNet's params from the exported ones (LCM-LoRA: base + LoRA, merged once, jitted)
     full = jax.jit(functools.partial(lora.merge, alpha=spec.lora_alpha)) if spec.lora else None
 
@@ -239,15 +224,13 @@ def train(config, workdir: str) -> str:
         return None
 
     try:
-        state = loop.run_loop(
-            compiled, state, batcher, frozen, mesh=mesh, num_steps=config.num_steps,
-            log_every=config.log_every, ckpt=ckpt, config_dict=config_dict, desc=spec.mode,
-            writer=writer, lr_fn=distill.lr_schedule(config), after_step=after_step, teacher=teacher_id)
+        state = loop.fit(functools.partial(distill.train_step, spec=spec, models=models, tx=tx), state, state_sh,
+                         batcher, frozen, mesh=mesh, ckpt=ckpt, config_dict=_config_dict(config),
+                         num_steps=config.num_steps, batch_size=config.batch_size, log_every=config.log_every,
+                         desc=spec.mode, metrics_dir=workdir, lr_fn=train_state.lr_schedule(config),
+                         after_step=after_step, teacher=teacher_id)
     finally:
         batcher.close()
-        if writer is not None:
-            writer.close()
-        ckpt.close()
 
     # ------------------------------------------------------------------ export
     final = os.path.join(workdir, "final")
@@ -293,7 +276,7 @@ def _lora_targets(config) -> lora.Targets:
     return targets if isinstance(targets, str) else tuple(targets)
 
 
-def _export_params(state: distill.TrainState, spec: distill.DistillSpec, config) -> Any:
+def _export_params(state: train_state.TrainState, spec: distill.DistillSpec, config) -> Any:
     """theta^- (the EMA target; default ``config.export_params``) or the online student params;
     without an EMA (``spec.uses_ema`` false: LCM-LoRA, lcd.target='online') the online params."""
     from lcm_jax.ema import ema_params
@@ -302,7 +285,7 @@ def _export_params(state: distill.TrainState, spec: distill.DistillSpec, config)
     return state.params
 
 
-def _host_params(state: distill.TrainState, spec: distill.DistillSpec, config) -> Any:
+def _host_params(state: train_state.TrainState, spec: distill.DistillSpec, config) -> Any:
     """The export params as host numpy arrays. With several processes the params span devices
     that process 0 cannot read, so every process joins an all-gather (call it on all of them)."""
     params = _export_params(state, spec, config)
