@@ -77,7 +77,8 @@ def main(argv):
             target.addFilter(f)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lcm_jax import digits, errors, sharding, trainer
+    from lcm_jax import errors, sharding, trainer
+    from lcm_jax.digits.run import run as run_digits
     from lcm_jax.checkpoint import CheckpointWriteError
 
     def run():
@@ -88,7 +89,7 @@ def main(argv):
             raise errors.ConfigError(f"config.reproduce {reproduce!r}: expected '' or 'digits'")
         write_failed = False
         try:
-            out = digits.run(FLAGS.config, FLAGS.workdir) if reproduce else trainer.train(FLAGS.config, FLAGS.workdir)
+            out = run_digits(FLAGS.config, FLAGS.workdir) if reproduce else trainer.train(FLAGS.config, FLAGS.workdir)
         except CheckpointWriteError:
             write_failed = True
             raise

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.guidance_scale = 8.0     # w of the scored samples
     c.eval.prompts = ()             # the fixed prompt set (empty: sample_prompts; digits: the ten captions)
     c.eval.images_per_prompt = 4
+    c.eval.evaluator = "reference"  # reference (latent MSE to the teacher, CLIP score) | digits | a.module.path
     c.eval.scorer = ""              # digits: classifier file (empty: WORKDIR/scorer.safetensors, trained once)
     c.eval.clip_model = ""          # SD data: a transformers CLIP folder -> clip_score_{s} ("" = off)
 

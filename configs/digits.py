@@ -3,7 +3,7 @@
 python train.py --config=configs/digits.py --workdir=runs/digits
 python train.py --config=configs/digits.py:smoke --workdir=/tmp/digits_smoke   # a minute or two
 
-Stages (lcm_jax/digits.py), each resumable and skipped when its output exists:
+Stages (lcm_jax/digits/run.py), each resumable and skipped when its output exists:
 teacher (autoencoder -> frozen random CLIP -> epsilon UNet; WORKDIR/teacher) -> LCD
 (WORKDIR/final) -> ablations over the solver Psi and the skipping step k (WORKDIR/ablations)
 -> beyond LCM: multistep LCD (S = 2, 4) and data-free LCD (WORKDIR/beyond)
@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
     t.vae_model = dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
                        norm_num_groups=8)                       # 16x16x3 -> 4x4x4
     t.text_model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4)                  # frozen random (see lcm_jax/teacher.py)
+                        num_attention_heads=4)                  # frozen random (see lcm_jax/digits/teacher.py)
     t.unet_model = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                         attention_head_dim=8,                   # 4x4 (cross-attention) -> 2x2 (+ mid)
                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -62,6 +62,7 @@ def get_config(arg: str = ""):
     c.sample_steps = ()                # the evaluation writes a grid per method and step count
     c.sample_guidance = 9.0            # omega = 8, as in Table 1
     c.eval_every = 250
+    c.eval.evaluator = "digits"      # FD and accuracy of the digit classifier (lcm_jax/digits/evaluator.py)
     c.eval.steps = (1, 2, 4)
     c.eval.guidance_scale = 9.0
     c.eval.images_per_prompt = 20      # x 10 classes; = table.per_class, so the samplers compile once

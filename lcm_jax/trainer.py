@@ -34,7 +34,7 @@ from lcm_jax.data.sources import DIGIT_WORDS
 from lcm_jax.data.resolve import resolve_data
 from lcm_jax.data.teacher_data import check_teacher_data_config
 from lcm_jax.errors import ConfigError, UserError
-from lcm_jax.eval.inloop import make_evaluator
+from lcm_jax.eval.inloop import evaluator_module, make_evaluator
 from lcm_jax.images import save_grid
 from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
@@ -98,9 +98,10 @@ def _check_config(config) -> distill.DistillSpec:
     if clip and not os.path.isdir(clip):
         raise FileNotFoundError(f"config.eval.clip_model {clip!r} is not a folder: expected a transformers CLIPModel "
                                 "folder (config.json, model.safetensors, tokenizer, preprocessor_config.json)")
-    if clip and config.data.source == "digits":
-        raise ValueError(f"config.eval.clip_model {clip!r} with data.source='digits': digits are scored by the "
-                         "digit classifier (FD, accuracy); the CLIP score is for image-text data")
+    evaluator_module(config.eval.evaluator)  # raises on a name that is neither known nor a module path
+    if clip and config.eval.evaluator == "digits":
+        raise ValueError(f"config.eval.clip_model {clip!r} with eval.evaluator='digits': digits are scored by the "
+                         "digit classifier (FD, accuracy); the CLIP score is the reference evaluator's")
     if not 0.0 <= config.lcd.ema_decay <= 1.0:
         raise ValueError(f"config.lcd.ema_decay must be in [0, 1], got {config.lcd.ema_decay}")
     return spec

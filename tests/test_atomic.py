@@ -151,8 +151,8 @@ def test_crashed_tiny_teacher_is_redone_not_trusted(tmp_path, truncate_first_saf
 
 def test_crashed_scorer_is_retrained_not_trusted(tmp_path, truncate_first_safetensors):
     """digits.run / the in-loop evaluator load WORKDIR/scorer.safetensors if it is a file, else train it."""
-    from lcm_jax.eval.classifier import DigitScorer
-    from lcm_jax.eval.inloop import load_or_train_scorer
+    from lcm_jax.digits.classifier import DigitScorer
+    from lcm_jax.digits.evaluator import load_or_train_scorer
     path = str(tmp_path / "scorer.safetensors")
     with pytest.raises(OSError, match="injected crash"):
         load_or_train_scorer(path, 8, steps=2)
@@ -165,7 +165,7 @@ def test_crashed_scorer_is_retrained_not_trusted(tmp_path, truncate_first_safete
 def test_teacher_stage_refuses_a_foreign_folder_before_training(tmp_path, monkeypatch):
     """A WORKDIR/teacher without model_index.json (not a complete teacher) is named before any training."""
     from configs import digits
-    from lcm_jax import teacher
+    from lcm_jax.digits import teacher
     monkeypatch.setattr(teacher, "load_source", lambda *a, **k: pytest.fail("started training"))
     write(str(tmp_path / "teacher"), {"unet/diffusion_pytorch_model.safetensors": "half"})
     with pytest.raises(FileExistsError, match="teacher' exists but is not this stage's complete output"):

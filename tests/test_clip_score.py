@@ -223,3 +223,24 @@ def test_evaluator_rejects_a_bad_clip_folder_at_construction(teacher, tmp_path, 
         path.mkdir()
     with pytest.raises(FileNotFoundError, match=f"{name}.*expected a transformers CLIP folder"):
         make_evaluator(_eval_config(teacher, str(path)), LCMPipeline.from_pretrained(teacher), str(tmp_path))
+
+
+def test_evaluator_is_chosen_by_config(teacher, tmp_path, monkeypatch):
+    """config.eval.evaluator names the evaluator: a known name or any module path with make_evaluator;
+    an unknown name fails in validate_config, before any model is loaded."""
+    from lcm_jax import trainer
+    from lcm_jax.eval.inloop import make_evaluator
+    from lcm_jax.pipeline import LCMPipeline
+    from training import small_config
+    package = tmp_path / "my_evals"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "count.py").write_text(
+        "def make_evaluator(config, pipe, workdir):\n"
+        "    return lambda unet, params: {'made_in': workdir, 'steps': len(config.eval.steps)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = small_config(teacher, eval_every=1, **{"eval.evaluator": "my_evals.count"})
+    evaluate = make_evaluator(config, LCMPipeline.from_pretrained(teacher), "WD")
+    assert evaluate(None, None) == {"made_in": "WD", "steps": len(config.eval.steps)}
+    with pytest.raises(ValueError, match="config.eval.evaluator 'clip': expected one of reference | digits"):
+        trainer.validate_config(small_config(teacher, eval_every=1, **{"eval.evaluator": "clip"}))

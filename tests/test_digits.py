@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs.digits import get_config
-from lcm_jax import digits
-from lcm_jax.eval import table
+from lcm_jax.digits import run as digits
+from lcm_jax.digits import table
 
 
 def test_ablation_runs_cover_solvers_and_k_once():

@@ -7,7 +7,8 @@ import pytest
 import scipy.linalg
 
 from lcm_jax.data.sources import load_digits
-from lcm_jax.eval import DigitScorer, fd_between, frechet_distance, gaussian_stats, train_classifier
+from lcm_jax.digits.classifier import DigitScorer, train_classifier
+from lcm_jax.eval import fd_between, frechet_distance, gaussian_stats
 
 R = 16
 

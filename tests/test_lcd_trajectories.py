@@ -27,7 +27,7 @@ def trained_teacher(tmp_path_factory):
     """A small teacher trained on the digits (configs/digits.py:smoke's modules, 200 autoencoder
     and 400 UNet steps: about 50 s here), saved in diffusers layout."""
     from configs.digits import get_config
-    from lcm_jax.teacher import train_teacher
+    from lcm_jax.digits.teacher import train_teacher
     c = get_config("smoke")
     c.teacher.vae.num_steps, c.teacher.unet.num_steps = 200, 400
     c.mesh.data = 1

@@ -1,6 +1,4 @@
-"""Evaluation: Fréchet distance and a digit classifier scorer (FID / CLIP-score analogues on digits)."""
-from lcm_jax.eval.classifier import DigitClassifier, DigitScorer, classify, train_classifier
+"""Evaluation: Fréchet distance, CLIP score and the in-loop evaluators (the digit classifier: lcm_jax/digits)."""
 from lcm_jax.eval.fd import fd_between, frechet_distance, gaussian_stats
 
-__all__ = ["DigitClassifier", "DigitScorer", "classify", "train_classifier",
-           "fd_between", "frechet_distance", "gaussian_stats"]
+__all__ = ["fd_between", "frechet_distance", "gaussian_stats"]

@@ -1,9 +1,9 @@
 """The digits reproduction of the LCM paper's Table 1 (configs/digits.py): the stages in order.
 
-teacher (lcm_jax/teacher.py) -> LCD (trainer.train, the same code as the SD configs) ->
+teacher (digits/teacher.py) -> LCD (trainer.train, the same code as the SD configs) ->
 ablations (trainer.train per solver Psi / skipping step k, reduced budget) -> beyond LCM
 (multistep LCD with S segments and data-free LCD from the teacher's own samples, the same
-budget) -> evaluation (lcm_jax/eval/table.py). Each stage is resumable and skipped when its
+budget) -> evaluation (digits/table.py). Each stage is resumable and skipped when its
 output exists.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 import jax
 
 from lcm_jax import atomic
-from lcm_jax import teacher as teacher_lib
 from lcm_jax import trainer
-from lcm_jax.eval import table
-from lcm_jax.eval.inloop import load_or_train_scorer
+from lcm_jax.digits import table
+from lcm_jax.digits import teacher as teacher_lib
+from lcm_jax.digits.evaluator import load_or_train_scorer
 from lcm_jax.pipeline import LCMPipeline
 
 

@@ -19,7 +19,7 @@ import tqdm
 
 from lcm_jax import atomic
 from lcm_jax.data.sources import load_digits
-from lcm_jax.eval.inloop import digit_prompts
+from lcm_jax.digits.evaluator import digit_prompts
 from lcm_jax.images import save_grid
 from lcm_jax.pipeline import LCMPipeline
 
