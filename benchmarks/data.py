@@ -34,9 +34,12 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.common import base_config  # noqa: E402
 from lcm_jax.data import cache, decode  # noqa: E402
 from lcm_jax.data.cache import writer as cache_writer  # noqa: E402
 from lcm_jax.data.input_pipeline import make_pipeline  # noqa: E402
+
+DATA = base_config().data.to_dict()  # every data key at its default
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> bytes:
@@ -155,11 +158,11 @@ def main() -> None:
         for workers in (int(x) for x in args.workers.split(",")):
             for threads in (int(t) for t in args.threads.split(",")):
                 for name, path in (("folder", folder), ("tar", pattern)):
-                    data = {"source": name, "path": path, "resolution": args.resolution, "random_flip": True,
+                    data = {**DATA, "source": name, "path": path, "resolution": args.resolution, "random_flip": True,
                             "center_crop": False, "num_threads": threads, "worker_count": workers}
                     rows.append((name, threads, workers, *run(data, args.batch, args.epochs, args.n)))
                 if args.cache_n:
-                    data = {"source": "cache", "path": cache_dir, "resolution": args.resolution,
+                    data = {**DATA, "source": "cache", "path": cache_dir, "resolution": args.resolution,
                             "num_threads": threads, "worker_count": workers}
                     rows.append(("cache", threads, workers, *run(data, args.batch, args.epochs, args.cache_n)))
         for draft in (True, False):

@@ -52,6 +52,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.center_crop = True
     c.data.random_flip = False
     c.data.caption_dropout = 0.0    # probability of the empty prompt (the unconditional embedding)
+    c.data.missing_caption = "empty"  # an image without a caption: empty (the empty prompt) | skip (counted)
+    c.data.split = "train"          # digits: train | heldout | all; tfds: the split name
+    c.data.tfds_name = ""           # source=tfds: the builder name (data.path: its data_dir)
+    c.data.image_key = "image"      # tfds: the record's image feature ("a/b" for nested ones)
+    c.data.caption_key = "caption"  # tfds: the caption feature; tar: the caption's extension in a sample
+    c.data.num_threads = 16         # decode threads per process
+    c.data.worker_count = 0         # decode processes (grain workers; 0: threads only)
+    c.data.prefetch = 0             # examples buffered ahead (0: 2 x the local batch + num_threads)
     # data.source = "teacher" (lcm_jax/data/teacher_data.py): num_examples latents sampled once by the
     # teacher from noise (teacher_scheduler, teacher_steps, CFG w = teacher_guidance, teacher_batch at
     # a time, seed + batch index), example i from prompts[i % len(prompts)], cached, then trained on

@@ -32,13 +32,18 @@ from lcm_jax.errors import UserError
 # Keys that may change between a run and its resumption (schedule of side effects, layout).
 RESUMABLE_KEYS = ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
                   "sample_prompts", "sample_steps", "sample_guidance", "mesh.", "pretrained",
-                  "tiny_teacher", "eval_every", "eval.", "export_params") + (
+                  "tiny_teacher", "eval_every", "eval.", "export_params",
+                  "data.num_threads", "data.worker_count", "data.prefetch") + (  # (the order is the same)
                   # the optimizer settings a user lowers after a divergence: allowed, and logged
                   "learning_rate", "lr_schedule", "warmup_steps", "grad_clip")
 OPTIMIZER_KEYS = ("learning_rate", "lr_schedule", "warmup_steps", "grad_clip")
 # Config sections added after runs were already checkpointed: a checkpoint whose config lacks
 # one matches a config that has it switched off (prefix -> (key, off value)), so those runs resume.
 ADDED_SECTIONS = {"lora.": ("lora.rank", 0)}
+# Keys declared after runs were already checkpointed (their code defaults moved into configs/common.py):
+# absent from a checkpoint's config, they match their default.
+ADDED_KEYS = {"data.missing_caption": "empty", "data.split": "train", "data.tfds_name": "",
+              "data.image_key": "image", "data.caption_key": "caption"}
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -61,6 +66,7 @@ def _differences(saved: dict, current: dict, keys: Optional[Iterable[str]] = Non
     a, b = _flat(saved), _flat(json.loads(json.dumps(current)))
     skip = [prefix for prefix, (key, off) in ADDED_SECTIONS.items()
             if not any(k.startswith(prefix) for k in a) and b.get(key, off) == off]
+    skip += [k for k, default in ADDED_KEYS.items() if k not in a and b.get(k, default) == default]
     match = lambda k, names: any(k == r or (r.endswith(".") and k.startswith(r)) for r in names)  # noqa: E731
     diffs = []
     for k in sorted(set(a) | set(b)):

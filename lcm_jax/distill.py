@@ -34,6 +34,7 @@ import optax
 
 from lcm_jax import lora
 from lcm_jax.consistency import consistency_fn, segment_fn
+from lcm_jax.data.decode import check_caption_dropout
 from lcm_jax.ema import ema_params
 from lcm_jax.models.clip import CLIPTextModel
 from lcm_jax.models.embeddings import guidance_embedding
@@ -52,23 +53,24 @@ TARGETS = ("ema", "online")
 
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
-    """The static hyperparameters of the step (hashable; from ``config.lcd`` and friends)."""
+    """The static hyperparameters of the step (hashable), made by ``from_config``: their defaults and
+    meanings are configs/common.py's (``config.lcd`` and friends), the one place they are declared."""
 
-    mode: str = "lcd"
-    num_ddim_timesteps: int = 50
-    omega_min: float = 2.0
-    omega_max: float = 14.0
-    solver: str = "ddim"
-    loss: str = "l2"
-    huber_c: float = 0.001
-    caption_dropout: float = 0.0
-    lora_alpha: Optional[float] = None  # None: params are the student; else a LoRA tree (alpha / r)
-    num_segments: int = 1               # MLCD segments S (1: LCD, the target maps to the clean sample)
-    ema_target: bool = True             # theta^- = EMA in opt_state; False: the online student, stop-gradient
-    solver_steps: int = 1               # teacher sub-steps of Psi per interval (TLCM's multistep solver)
-    timestep_draw: str = "uniform"      # uniform n | lognormal (iCT)
-    lognormal_mean: float = -1.1
-    lognormal_std: float = 2.0
+    mode: str
+    num_ddim_timesteps: int
+    omega_min: float
+    omega_max: float
+    solver: str
+    loss: str
+    huber_c: float
+    caption_dropout: float
+    lora_alpha: Optional[float]  # None: params are the student; else a LoRA tree (alpha / r)
+    num_segments: int            # MLCD segments S (1: LCD, the target maps to the clean sample)
+    ema_target: bool             # theta^- = EMA in opt_state; False: the online student, stop-gradient
+    solver_steps: int            # teacher sub-steps of Psi per interval (TLCM's multistep solver)
+    timestep_draw: str           # uniform n | lognormal (iCT)
+    lognormal_mean: float
+    lognormal_std: float
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -78,8 +80,7 @@ class DistillSpec:
         get_solver(self.solver)  # raises on an unknown solver
         if not self.omega_min <= self.omega_max:
             raise ValueError(f"lcd.omega_min {self.omega_min} > lcd.omega_max {self.omega_max}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"data.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        check_caption_dropout(self.caption_dropout)
         if self.lora_alpha is not None and self.mode != "lcd":
             raise ValueError(f"LoRA training (lora.rank > 0) is LCM-LoRA distillation: it needs mode='lcd', "
                              f"got mode={self.mode!r}")

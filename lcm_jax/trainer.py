@@ -38,14 +38,13 @@ from lcm_jax.eval.inloop import evaluator_module, make_evaluator
 from lcm_jax.images import save_grid
 from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part of the trainer API
 from lcm_jax.models.clip import tokenize
-from lcm_jax.models.unet import UNet2DConditionModel
+from lcm_jax.models.unet import REMAT_MODES, UNet2DConditionModel
 from lcm_jax.models.embeddings import sdxl_time_ids
 from lcm_jax.models.params import init_cond_proj, resolve_dtype
 from lcm_jax.pipeline import LCMPipeline
 from lcm_jax.pipeline_folder import COMPONENTS, SDXL_COMPONENTS, check_pipeline_folder
 from lcm_jax.sampling import CONSISTENCY_SCHEDULERS
 
-REMAT = ("none", "block", "full")
 PIPELINE_COMPONENTS = COMPONENTS + SDXL_COMPONENTS  # what the fingerprint covers (absent ones add nothing)
 EXPORT = ("ema", "online")
 
@@ -72,8 +71,8 @@ def _check_config(config) -> distill.DistillSpec:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
     if config.learning_rate <= 0:
         raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-    if config.remat not in REMAT:
-        raise ValueError(f"config.remat {config.remat!r} is not supported: expected one of {REMAT}")
+    if config.remat not in REMAT_MODES:
+        raise ValueError(f"config.remat {config.remat!r} is not supported: expected one of {REMAT_MODES}")
     if config.export_params not in EXPORT:
         raise ValueError(f"config.export_params {config.export_params!r}: expected one of {EXPORT}")
     if config.sample_scheduler not in CONSISTENCY_SCHEDULERS:

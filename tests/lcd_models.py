@@ -8,6 +8,7 @@ import numpy as np
 
 import sd_models
 from lcm_jax import distill
+from training import distill_spec
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.models.params import unet_shapes
 from lcm_jax.schedules import NoiseSchedule, alpha_sigma, expand_like
@@ -79,7 +80,7 @@ class LinearTeacher:
 
 def _lcd_setup(omega, solver="ddim", seed=0):
     schedule = NoiseSchedule.from_scheduler_config(sd_models.scheduler_config())
-    spec = distill.DistillSpec(omega_min=omega, omega_max=omega, solver=solver)
+    spec = distill_spec(omega_min=omega, omega_max=omega, solver=solver)
     latents, cond, uncond = _inputs(seed)
     # cover the shortest interval (t_end = 0) and long ones
     d = distill.draw(jax.random.PRNGKey(seed), latents, spec, schedule)

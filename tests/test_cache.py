@@ -21,6 +21,7 @@ from lcm_jax.data.input_pipeline import make_pipeline  # noqa: E402
 from lcm_jax.data.sources import DIGIT_WORDS, load_digits  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from lcm_jax.tiny import make_tiny_pipeline  # noqa: E402
+from training import data_config  # noqa: E402
 from training import small_config as train_config  # noqa: E402
 
 N = 360  # the digits' heldout split: small, and not a multiple of the encode batch
@@ -100,7 +101,7 @@ def test_cache_from_another_model_is_refused(teacher, cache, tmp_path, monkeypat
     with pytest.raises(cache_lib.CacheMismatchError, match="resolution: cache 16, data.resolution 32"):
         cache_lib.check_compatible(cache[0], LCMPipeline.from_pretrained(teacher), 32)
     with pytest.raises(ValueError, match="holds 16px images but data.resolution is 32"):
-        make_pipeline({"source": "cache", "path": cache[0], "resolution": 32}, None, 8)
+        make_pipeline(data_config(source="cache", path=cache[0], resolution=32), None, 8)
 
 
 def take(p, n):
@@ -114,7 +115,7 @@ def same(a, b):
 def test_cache_pipeline_order_resume_and_processes(cache):
     """The cache source through the one pipeline: seeded shuffle, exact resume across an epoch
     boundary (45 batches of 8 per epoch), processes' slices stacking to the one-process batches."""
-    data = {"source": "cache", "path": cache[0], "resolution": 16, "num_threads": 2}
+    data = data_config(source="cache", path=cache[0], resolution=16, num_threads=2)
     pipe = make_pipeline(data, None, 8, seed=7)
     first = next(pipe)
     assert sorted(first) == ["latent_logvar", "latent_mean", "prompt_embeds"]
@@ -151,7 +152,7 @@ def test_killed_write_leaves_no_cache(teacher, cache, tmp_path, monkeypatch):
         cache_writer.write_cache(small_config(teacher), out, batch_size=64, shard_size=100)
     assert not os.path.exists(out) and os.listdir(out + ".partial") == ["shard-00000.safetensors"]
     with pytest.raises(ValueError, match=r"is not a folder.*c\.partial exists: that write did not finish"):
-        make_pipeline({"source": "cache", "path": out, "resolution": 16}, None, 8)
+        make_pipeline(data_config(source="cache", path=out, resolution=16), None, 8)
     with pytest.raises(FileExistsError, match="--overwrite"):
         cache_writer.write_cache(small_config(teacher), cache[0])
     with pytest.raises(FileNotFoundError, match="is not a folder"):

@@ -138,3 +138,16 @@ def test_a_model_of_another_shape_is_a_clear_error(tmp_path):
         ckpt_lib.Checkpointer(str(tmp_path)).restore(ckpt_lib.abstract_like(b, sh), CONFIG)
     assert "params/conv/kernel: checkpoint=(3, 3, 8, 16), now=(3, 3, 8, 32)" in str(e.value)
     assert "params/extra/scale: checkpoint=<absent>, now=(4,)" in str(e.value)
+
+
+def test_checkpoints_from_before_the_declared_data_keys_still_resume():
+    """Data keys whose defaults moved from code into configs/common.py: absent from an older checkpoint's
+    config, they match their default only; the decode knobs may change on resume (the order does not)."""
+    saved = {**CONFIG, "data": {"source": "folder", "resolution": 16}}
+    now = {**saved, "data": {**saved["data"], "missing_caption": "empty", "split": "train", "tfds_name": "",
+                             "image_key": "image", "caption_key": "caption", "num_threads": 4,
+                             "worker_count": 2, "prefetch": 0}}
+    assert ckpt_lib.config_differences(saved, now) == []
+    skip = {**now, "data": {**now["data"], "missing_caption": "skip"}}
+    assert ckpt_lib.config_differences(saved, skip) == [
+        "data.missing_caption: checkpoint='<absent>', now='skip'"]

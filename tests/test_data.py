@@ -16,6 +16,7 @@ from lcm_jax.data import decode  # noqa: E402
 from lcm_jax.data.input_pipeline import jax_allgather, make_pipeline  # noqa: E402
 from lcm_jax.data.tar import expand_braces, expand_shards  # noqa: E402
 from image_files import color, encode, has_webp, solid  # noqa: E402
+from training import data_config  # noqa: E402
 
 R = 16
 L = 24
@@ -98,7 +99,7 @@ def shards(tmp_path_factory):
 
 
 def cfg(source, path="", **kw):
-    return {"source": source, "path": path, "resolution": R, "num_threads": 2, **kw}
+    return data_config(**{"source": source, "path": path, "resolution": R, "num_threads": 2, **kw})
 
 
 # ---------------------------------------------------------------------- sources

@@ -18,6 +18,7 @@ import torch
 import sd_models
 from lcd_models import B, D, LinearTeacher, _inputs, _jax_unets, _lcd_setup, _unets
 from lcm_jax import distill
+from training import distill_spec
 from lcm_jax.models.embeddings import guidance_embedding
 from lcm_jax.models.unet import UNet2DConditionModel
 from lcm_jax.schedules import NoiseSchedule, alpha_sigma, ddim_timesteps, expand_like, to_x0_eps
@@ -155,7 +156,7 @@ def test_lcd_matches_diffusers_script(prediction_type, num_ddim, seed):
     schedule = NoiseSchedule.from_scheduler_config(sched_cfg)
     t_mod, t_par, s_mod, s_par, e_par = _jax_unets()
     models = distill.Models(s_mod, t_mod, None, None, schedule)
-    spec = distill.DistillSpec(num_ddim_timesteps=num_ddim, omega_min=5.0, omega_max=15.0)  # the script's w range
+    spec = distill_spec(num_ddim_timesteps=num_ddim, omega_min=5.0, omega_max=15.0)  # the script's w range
     latents, cond, uncond = _inputs(seed)
     frozen = {"teacher": t_par, "uncond": uncond}
     rng = jax.random.PRNGKey(seed)
@@ -193,7 +194,7 @@ def test_lcd_matches_diffusers_script(prediction_type, num_ddim, seed):
 
 def test_draw_is_the_skipping_step_schedule():
     schedule = NoiseSchedule.from_scheduler_config(sd_models.scheduler_config())
-    spec = distill.DistillSpec(omega_min=2.0, omega_max=14.0, caption_dropout=0.5)
+    spec = distill_spec(omega_min=2.0, omega_max=14.0, caption_dropout=0.5)
     d = jax.jit(distill.draw, static_argnums=2)(jax.random.PRNGKey(0), jnp.zeros((512, 4, 2, 2)), spec, schedule)
     t_start, t_end = np.asarray(d.t_start), np.asarray(d.t_end)
     assert set(t_start) <= set(ddim_timesteps(1000, 50)) and len(set(t_start)) > 40
@@ -296,7 +297,7 @@ class RecordingStudent:
 
 def test_lcf_uses_the_same_noise_at_both_timesteps():
     schedule = NoiseSchedule.from_scheduler_config(sd_models.scheduler_config())
-    spec = distill.DistillSpec(mode="lcf", num_ddim_timesteps=4)  # t_start = 249 gives t_end = 0
+    spec = distill_spec(mode="lcf", num_ddim_timesteps=4)  # t_start = 249 gives t_end = 0
     student = RecordingStudent()
     models = distill.Models(student, None, None, None, schedule)
     latents, cond, uncond = _inputs(2)
@@ -335,4 +336,4 @@ def test_consistency_distance():
                                    np.mean(np.sqrt(sq + ict**2) - ict), rtol=1e-6)
     assert float(distill.consistency_distance(x, x, "huber", 0.0)) == 0.0
     with pytest.raises(ValueError, match="huber"):
-        distill.DistillSpec(loss="l1")
+        distill_spec(loss="l1")

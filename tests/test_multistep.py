@@ -13,7 +13,7 @@ from lcm_jax.consistency import segment_fn
 from lcm_jax.schedules import (NoiseSchedule, alpha_sigma, ddim_timesteps, expand_like, lognormal_pair_weights,
                                mlcd_timesteps, segment_boundaries)
 from lcd_models import B, LinearTeacher, _inputs, _jax_unets, _lcd_setup
-from training import metrics, read_state, small_config
+from training import distill_spec, metrics, read_state, small_config
 
 SCHEDULE = NoiseSchedule.from_scheduler_config(sd_models.scheduler_config())
 
@@ -38,7 +38,7 @@ def test_segment_boundaries():
     with pytest.raises(ValueError, match="num_segments"):
         segment_boundaries(1000, 50, 51)
     with pytest.raises(ValueError, match="num_segments"):
-        distill.DistillSpec(num_segments=0)
+        distill_spec(num_segments=0)
 
 
 def test_segment_fn_is_f_for_the_clean_boundary_and_the_identity_at_the_boundary():
@@ -74,13 +74,13 @@ def test_one_segment_is_lcd_and_segments_map_both_sides_to_the_boundary():
     frozen = {"teacher": t_par, "uncond": uncond}
     rng = jax.random.PRNGKey(3)
 
-    lcd = distill.DistillSpec(num_ddim_timesteps=4)  # t_start in {249, 499, 749, 999}
+    lcd = distill_spec(num_ddim_timesteps=4)  # t_start in {249, 499, 749, 999}
     d, pred, target, _, _ = _loss_by_hand(lcd, models, s_par, e_par, t_par, latents, cond, uncond, rng)
     assert np.all(np.asarray(d.t_boundary) == -1)
     loss, _ = distill.distill_loss(s_par, e_par, frozen, latents, cond, rng, lcd, models)
     assert float(loss) == float(jnp.mean((pred - target) ** 2))  # the LCD loss, bit for bit
 
-    mlcd = distill.DistillSpec(num_ddim_timesteps=4, num_segments=2)  # boundary 499 above, clean below
+    mlcd = distill_spec(num_ddim_timesteps=4, num_segments=2)  # boundary 499 above, clean below
     d, pred, target, z, z_hat = _loss_by_hand(mlcd, models, s_par, e_par, t_par, latents, cond, uncond, rng)
     t_start, bnd = np.asarray(d.t_start), np.asarray(d.t_boundary)
     np.testing.assert_array_equal(bnd, np.where(t_start > 499, 499, -1))
@@ -148,7 +148,7 @@ def test_solver_steps_one_is_the_single_step_and_more_walk_the_interval():
     np.testing.assert_allclose(np.asarray(three), np.asarray(x), rtol=1e-6, atol=1e-6)
     assert float(jnp.max(jnp.abs(three - one))) > 1e-4
     with pytest.raises(ValueError, match="solver_steps"):
-        distill.DistillSpec(solver_steps=0)
+        distill_spec(solver_steps=0)
 
 
 # --------------------------------------------------------------------------- iCT's lognormal draw
@@ -159,13 +159,13 @@ def test_lognormal_draw_follows_ict_weights():
     assert w.shape == (50,) and abs(w.sum() - 1) < 1e-5 and np.all(w > 0)
     assert w.argmax() == 0 and w[0] > 0.2  # P_mean = -1.1: sigma ~ 0.33, the low-noise end
     assert int(jnp.argmax(lognormal_pair_weights(SCHEDULE, 50, 2.0, 0.5))) > 40  # sigma ~ 7.4: t near 950
-    spec = distill.DistillSpec(timestep_draw="lognormal")
+    spec = distill_spec(timestep_draw="lognormal")
     d = jax.jit(distill.draw, static_argnums=2)(jax.random.PRNGKey(0), jnp.zeros((20000, 1, 1, 1)), spec, SCHEDULE)
     n = np.searchsorted(ddim_timesteps(1000, 50), np.asarray(d.t_start))
     freq = np.bincount(n, minlength=50) / len(n)
     assert np.all(np.abs(freq - w) <= 4 * np.sqrt(w * (1 - w) / len(n)) + 1e-3), np.abs(freq - w).max()
     with pytest.raises(ValueError, match="timestep_draw"):
-        distill.DistillSpec(timestep_draw="beta")
+        distill_spec(timestep_draw="beta")
 
 
 # --------------------------------------------------------------------------- through the trainer

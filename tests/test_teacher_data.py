@@ -16,7 +16,7 @@ from lcm_jax.data import cache as cache_lib  # noqa: E402
 from lcm_jax.data import teacher_data  # noqa: E402
 from lcm_jax.data.input_pipeline import make_pipeline  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
-from training import metrics  # noqa: E402
+from training import data_config, metrics  # noqa: E402
 from training import small_config as train_config  # noqa: E402
 
 PROMPTS = ("a handwritten digit seven", "a handwritten digit zero", "a handwritten digit three")
@@ -127,7 +127,7 @@ def test_prompts_from_a_file(tmp_path):
     file.write_text("a cat\n\n  \nun chat été\n", encoding="utf-8")
     assert teacher_data.load_prompts(str(file)) == ["a cat", "un chat été"]
     with pytest.raises(ValueError, match="data.source='teacher' is not read directly"):
-        make_pipeline({"source": "teacher", "resolution": 16}, lambda c: c, 8)
+        make_pipeline(data_config(source="teacher", resolution=16), lambda c: c, 8)
 
 
 BLANK = "<a file of blank lines>"

@@ -16,10 +16,22 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import tiny  # noqa: E402
+from configs import common, tiny  # noqa: E402
 
 
 RUN_TIMEOUT = 900  # s per train.py run: a cold compilation cache on 2 busy cores takes minutes
+
+
+def distill_spec(**fields):
+    """The train step's spec of configs/common.py's defaults, with ``fields`` replaced (and checked)."""
+    import dataclasses
+    from lcm_jax import distill
+    return dataclasses.replace(distill.DistillSpec.from_config(common.base_config()), **fields)
+
+
+def data_config(**keys) -> dict:
+    """A data config as a plain dict: configs/common.py's defaults with ``keys`` set."""
+    return {**common.base_config().data.to_dict(), **keys}
 
 
 def small_config(teacher, **overrides):

@@ -13,6 +13,13 @@ from typing import Iterator, Mapping, Protocol
 import numpy as np
 
 
+def local_batch_size(batch_size: int, process_count: int, what: str = "batch_size") -> int:
+    """Each process's share of a global batch; a ValueError unless it is a positive multiple of the processes."""
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(f"{what} {batch_size} is not a positive multiple of the {process_count} processes")
+    return batch_size // process_count
+
+
 class Batches(Protocol):
     """What the loop reads: this process's batches, with a position a checkpoint holds."""
 
@@ -46,9 +53,7 @@ class Batcher:
     offset: int = 0
 
     def __post_init__(self):
-        if self.global_batch % self.process_count:
-            raise ValueError(f"batch_size {self.global_batch} is not divisible by the "
-                             f"{self.process_count} processes")
+        local_batch_size(self.global_batch, self.process_count)
         if len(self.images) < self.global_batch:
             raise ValueError(f"the data has {len(self.images)} examples, fewer than one batch "
                              f"of {self.global_batch}")
@@ -80,7 +85,7 @@ class Batcher:
         if self.offset + self.global_batch > len(self.images):  # drop the remainder
             self.epoch, self.offset = self.epoch + 1, 0
         idx = self._order(self.epoch)[self.offset:self.offset + self.global_batch]
-        per = self.global_batch // self.process_count
+        per = local_batch_size(self.global_batch, self.process_count)
         mine = idx[self.process_index * per:(self.process_index + 1) * per]
         self.offset += self.global_batch
         px = self.images[mine].astype(np.float32) / 127.5 - 1.0  # [b, R, R, 3]

@@ -35,6 +35,13 @@ _log_lock = threading.Lock()
 _logged = {"n": 0}
 
 
+def check_caption_dropout(p: float) -> float:
+    """The probability of the empty prompt, checked (the input pipeline's and the train step's)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"data.caption_dropout must be in [0, 1], got {p}")
+    return p
+
+
 def _warn(key: str, reason: str, err: BaseException) -> None:
     """The first 20 bad records are named in the log; the counts carry the rest."""
     with _log_lock:

@@ -26,7 +26,8 @@ import grain
 import numpy as np
 
 from lcm_jax.data import decode
-from lcm_jax.data.sources import as_dict, make_source
+from lcm_jax.data.batcher import local_batch_size
+from lcm_jax.data.sources import data_fields, make_source
 
 TokenizeFn = Callable[[Sequence[str]], Union[np.ndarray, dict]]  # captions -> int32 [B, L] (or {key: [B, L]})
 AllGather = Callable[[dict], list]  # this process's JSON-able dict -> every process's, in process order
@@ -217,11 +218,8 @@ def make_pipeline(data_config, tokenize_fn: Optional[TokenizeFn], batch_size: in
                   drop_remainder: bool = True, keep_captions: bool = False) -> InputPipeline:
     """The training input pipeline for ``data_config`` (``config.data``); see the module doc.
 
-    data_config keys: source (digits | folder | tar | tfds | cache), path, resolution, center_crop,
-    random_flip, caption_dropout, and optionally split, tfds_name, image_key, caption_key,
-    missing_caption (empty | skip), num_threads (decode threads per process, default 16),
-    worker_count (decode processes, default 0: threads only), prefetch (examples buffered,
-    default 2 x batch + threads).
+    data_config: every key of sources.DATA_KEYS (configs/common.py declares them with their
+    defaults and meanings; a plain dict is built from ``base_config().data``).
     ``caption_dropout``: overrides data_config.caption_dropout (pass 0.0 when the train step
     drops captions itself). ``num_epochs``: None repeats forever. ``allgather``: how ``state()``
     collects every process's position ("auto": over JAX processes when there are several).
@@ -230,34 +228,29 @@ def make_pipeline(data_config, tokenize_fn: Optional[TokenizeFn], batch_size: in
     is unused (may be None) for a cache, whose batches hold prompt embeddings.
     Raises ValueError (unknown source, wrong path, no examples, bad values) before reading data.
     """
-    c = as_dict(data_config)
-    resolution = int(c.get("resolution", 0))
+    c = data_fields(data_config)
+    resolution = int(c["resolution"])
     if resolution < 1:
-        raise ValueError(f"data.resolution must be >= 1, got {c.get('resolution')}")
+        raise ValueError(f"data.resolution must be >= 1, got {c['resolution']}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} is not a positive multiple of the {process_count} processes")
-    p_drop = float(c.get("caption_dropout", 0.0) if caption_dropout is None else caption_dropout)
-    if not 0.0 <= p_drop <= 1.0:
-        raise ValueError(f"data.caption_dropout must be in [0, 1], got {p_drop}")
-    missing = c.get("missing_caption", "empty") or "empty"
+    local_batch = local_batch_size(batch_size, process_count)
+    p_drop = decode.check_caption_dropout(float(c["caption_dropout"] if caption_dropout is None else caption_dropout))
+    missing = c["missing_caption"]
     if missing not in decode.MISSING_CAPTION:
         raise ValueError(f"data.missing_caption {missing!r}: expected one of {decode.MISSING_CAPTION}")
-    num_threads = int(c.get("num_threads", 16) if c.get("num_threads") is not None else 16)
-    worker_count = int(c.get("worker_count", 0) or 0)
+    num_threads, worker_count = int(c["num_threads"]), int(c["worker_count"])
     if num_threads < 0 or worker_count < 0:
         raise ValueError(f"data.num_threads ({num_threads}) and data.worker_count ({worker_count}) must be >= 0")
-    local_batch = batch_size // process_count
-    cached = c.get("source") == "cache"
+    cached = c["source"] == "cache"
     if cached and p_drop > 0:
         raise ValueError(f"data.caption_dropout={p_drop} with data.source='cache': the cache holds prompt "
                          "embeddings, so the train step drops captions (pass caption_dropout=0.0)")
     if tokenize_fn is None and not cached:
-        raise ValueError(f"data.source {c.get('source')!r} yields captions: pass a tokenize_fn")
+        raise ValueError(f"data.source {c['source']!r} yields captions: pass a tokenize_fn")
 
-    fn = functools.partial(decode.preprocess, resolution=resolution, center_crop=bool(c.get("center_crop", True)),
-                           random_flip=bool(c.get("random_flip", False)), caption_dropout=p_drop,
+    fn = functools.partial(decode.preprocess, resolution=resolution, center_crop=bool(c["center_crop"]),
+                           random_flip=bool(c["random_flip"]), caption_dropout=p_drop,
                            missing_caption=missing)
     source, sharded = make_source(c, process_index, process_count)
     ds = grain.MapDataset.source(source)
@@ -272,19 +265,19 @@ def make_pipeline(data_config, tokenize_fn: Optional[TokenizeFn], batch_size: in
     if not sharded:
         ds = process_slice(ds, local_batch, process_index, process_count)
         if len(ds) == 0:
-            raise ValueError(f"data.source {c.get('source')!r} has {num_examples} examples: none for "
+            raise ValueError(f"data.source {c['source']!r} has {num_examples} examples: none for "
                              f"process {process_index} of {process_count}")
     if num_examples < batch_size // (process_count if sharded else 1):
         logging.warning("data: %d examples, fewer than a batch of %d: batches repeat examples",
                         num_examples, batch_size)
-    prefetch = int(c.get("prefetch", 0) or 0) or 2 * local_batch + num_threads
+    prefetch = int(c["prefetch"]) or 2 * local_batch + num_threads
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     if worker_count:
         from absl import flags
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    describe = f"{c.get('source')} {c.get('path') or c.get('tfds_name') or ''}".strip()
+    describe = f"{c['source']} {c['path'] or c['tfds_name']}".strip()
     tokenize = _no_tokenize if cached else functools.partial(_tokenize_batch, tokenize_fn=tokenize_fn,
                                                              keep_captions=keep_captions)
     pipe = InputPipeline(it_ds, local_batch, tokenize, num_examples=num_examples, process_index=process_index,

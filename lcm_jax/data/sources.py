@@ -322,6 +322,21 @@ def as_dict(data_config) -> dict:
     return data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
 
 
+# What the data layer reads from a data config; configs/common.py declares each with its default.
+DATA_KEYS = ("source", "path", "resolution", "center_crop", "random_flip", "caption_dropout", "missing_caption",
+             "split", "tfds_name", "image_key", "caption_key", "num_threads", "worker_count", "prefetch")
+
+
+def data_fields(data_config) -> dict:
+    """``data_config`` as a plain dict, refused (naming what is missing) unless it has every DATA_KEYS key."""
+    cfg = as_dict(data_config)
+    missing = [k for k in DATA_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"the data config lacks {', '.join(missing)}: build it from configs/common.py's "
+                         "base_config().data, which declares every data key with its default")
+    return cfg
+
+
 def make_source(data_config, process_index: int = 0, process_count: int = 1) -> tuple[Any, bool]:
     """The random-access source named by ``data_config.source`` -> (source, already_sharded).
 
@@ -329,8 +344,8 @@ def make_source(data_config, process_index: int = 0, process_count: int = 1) -> 
     there are at least as many shards as processes; other sources are split by the pipeline.
     Raises ValueError for an unknown source, a wrong path or an empty source.
     """
-    cfg = as_dict(data_config)
-    name, get = cfg.get("source"), cfg.get
+    cfg = data_fields(data_config)
+    name = cfg["source"]
     if name == "teacher":  # trainer.train generates it into a cache and reads that (source "cache")
         raise ValueError("data.source='teacher' is not read directly: trainer.train generates it into a latent "
                          "cache (lcm_jax.data.teacher_data) and reads that with data.source='cache'")
@@ -338,24 +353,22 @@ def make_source(data_config, process_index: int = 0, process_count: int = 1) -> 
         raise ValueError(f"data.source {name!r} is not supported: expected one of {' | '.join(SOURCES)}")
     sharded = False
     if name == "digits":
-        images, captions, _ = load_digits(int(cfg["resolution"]), get("split", "train") or "train")
+        images, captions, _ = load_digits(int(cfg["resolution"]), cfg["split"])
         src: Any = ArraySource(images, captions, "digits")
     elif name == "folder":
-        src = FolderSource(get("path", ""))
+        src = FolderSource(cfg["path"])
     elif name == "tar":
         from lcm_jax.data.tar import TarSource, expand_shards
-        shards = expand_shards(get("path", ""))
+        shards = expand_shards(cfg["path"])
         if len(shards) >= process_count > 1:
             shards, sharded = shards[process_index::process_count], True
-        src = TarSource(shards, caption_key=get("caption_key", "") or "caption",
-                        num_threads=int(get("num_threads", 16) or 16))
+        src = TarSource(shards, caption_key=cfg["caption_key"], num_threads=int(cfg["num_threads"]))
     elif name == "cache":  # latents + prompt embeddings written by lcm_jax.data.cache
         from lcm_jax.data.cache import CacheSource
-        src = CacheSource(get("path", ""), resolution=int(cfg["resolution"]))
+        src = CacheSource(cfg["path"], resolution=int(cfg["resolution"]))
     else:
-        src = TfdsSource(get("tfds_name", ""), get("split", "train") or "train", get("path", ""),
-                         get("image_key", "") or "image", get("caption_key", "") or "caption")
+        src = TfdsSource(cfg["tfds_name"], cfg["split"], cfg["path"], cfg["image_key"], cfg["caption_key"])
     if len(src) == 0:
-        raise ValueError(f"data.source {name!r} at {get('path', '')!r} has no examples"
+        raise ValueError(f"data.source {name!r} at {cfg['path']!r} has no examples"
                          + (f" for process {process_index} of {process_count}" if sharded else ""))
     return src, sharded

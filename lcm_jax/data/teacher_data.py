@@ -134,7 +134,7 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
     if res % f:
         raise ValueError(f"data.resolution {res} is not divisible by {f}, the VAE's scale factor")
     prompts, n, batch = settings["prompts"], settings["num_examples"], settings["batch"]
-    pretrained = config.get("pretrained", "") or "(in memory)"
+    pretrained = config.pretrained or "(in memory)"
 
     partial = atomic.partial_path(out_dir)
     index = None
@@ -163,7 +163,7 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
             shards, identity=cache_lib.model_identity(pipe), resolution=res,
             latent_shape=(pipe.vae.config.latent_channels, res // f, res // f),
             embeds_shape=(pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size), dtype="float32",
-            pretrained=pretrained, compute_dtype=str(config.get("dtype", "float32")), source="teacher",
+            pretrained=pretrained, compute_dtype=str(config.dtype), source="teacher",
             generation=settings)
         cache_writer.finalize(partial, out_dir, index)
         logging.info("teacher data: %d examples (%d prompts, %s %d steps, w=%g) in %d shards at %s", n, len(prompts),

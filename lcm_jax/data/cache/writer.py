@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from lcm_jax import atomic
+from lcm_jax.data.batcher import local_batch_size
 from lcm_jax.data.cache import DTYPES, FORMAT, INDEX, KEYS, NOT_RECORDED, make_index, model_identity, read_index
 
 
@@ -101,7 +102,7 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
     import tqdm
     from lcm_jax import sharding
     from lcm_jax.data.input_pipeline import make_pipeline
-    from lcm_jax.data.sources import as_dict
+    from lcm_jax.data.sources import data_fields
     from lcm_jax.models.clip import tokenize
     from lcm_jax.pipeline import LCMPipeline
 
@@ -112,30 +113,28 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
         raise FileExistsError(f"{out_dir!r} exists; choose another --out or pass --overwrite")
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    data = as_dict(config.data)
-    if data.get("source") == "cache":
-        raise ValueError(f"data.source is already 'cache' ({data.get('path')!r}): set the images to encode")
-    if data.get("random_flip") or not data.get("center_crop", True):
+    data = data_fields(config.data)
+    if data["source"] == "cache":
+        raise ValueError(f"data.source is already 'cache' ({data['path']!r}): set the images to encode")
+    if data["random_flip"] or not data["center_crop"]:
         logging.warning("data.random_flip / center_crop=False: the cache freezes one draw per image "
                         "(training from it sees the same flip and crop every epoch)")
     if pipe is None:
-        if not config.get("pretrained"):
+        if not config.pretrained:
             raise ValueError("config.pretrained is empty: the cache is encoded by that pipeline's VAE and "
                              "text encoder (set --config.pretrained=DIR)")
-        pipe = LCMPipeline.from_pretrained(config.pretrained, dtype=config.get("dtype", "float32"))
+        pipe = LCMPipeline.from_pretrained(config.pretrained, dtype=config.dtype)
     if pipe.is_sdxl:
-        raise ValueError(f"{config.get('pretrained', '') or 'the pipeline'!r} is SDXL: a latent cache does not hold its "
+        raise ValueError(f"{config.pretrained or 'the pipeline'!r} is SDXL: a latent cache does not hold its "
                          "pooled text embeddings yet; train SDXL from images")
-    pretrained = config.get("pretrained", "") or "(in memory)"
+    pretrained = config.pretrained or "(in memory)"
     pi, pc = jax.process_index(), jax.process_count()
     batch_size = int(batch_size or config.batch_size)
-    if batch_size < pc or batch_size % pc:
-        raise ValueError(f"cache batch_size {batch_size} is not a positive multiple of the {pc} processes")
+    local = local_batch_size(batch_size, pc, "cache batch_size")
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
-    local = batch_size // pc
     padded = math.ceil(local / mesh.size) * mesh.size  # every call the same shape: one compile
     batches = make_pipeline(data, lambda c: tokenize(pipe.tokenizer, c, warn_truncated=False), batch_size,
-                            int(config.get("seed", 0)), pi, pc, caption_dropout=0.0, num_epochs=1, shuffle=False, drop_remainder=False,
+                            int(config.seed), pi, pc, caption_dropout=0.0, num_epochs=1, shuffle=False, drop_remainder=False,
                             keep_captions=True, allgather=None)
     identity = model_identity(pipe)
 
@@ -189,15 +188,15 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
     index = None
     if pi == 0:
         if not shards:
-            raise ValueError(f"no usable examples in data.source {data.get('source')!r} at "
-                             f"{data.get('path')!r} (counts {counts}); nothing cached")
+            raise ValueError(f"no usable examples in data.source {data['source']!r} at "
+                             f"{data['path']!r} (counts {counts}); nothing cached")
         res = int(data["resolution"])
         f = pipe.vae.config.downsample_factor
         hidden = pipe.text_encoder.config.hidden_size
         index = make_index(shards, identity=identity, resolution=res,
                            latent_shape=(pipe.vae.config.latent_channels, res // f, res // f),
                            embeds_shape=(pipe.tokenizer.model_max_length, hidden), dtype=dtype,
-                           pretrained=pretrained, compute_dtype=str(config.get("dtype", "float32")),
+                           pretrained=pretrained, compute_dtype=str(config.dtype),
                            data=json.loads(json.dumps({k: v for k, v in data.items() if k not in NOT_RECORDED})),
                            counts=counts)
         finalize(partial, out_dir, index)
