@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence, Union
 
 import jax.numpy as jnp
 
-from lcm_jax import lora
+from lcm_jax import lora, lora_files
 
 
 class LoraAdapters:
@@ -23,7 +23,7 @@ class LoraAdapters:
         name = adapter_name or f"default_{len(self._lora)}"
         if name in self._lora:
             raise ValueError(f"adapter name {name!r} is already in use (loaded: {sorted(self._lora)})")
-        tree = lora.load_lora(pretrained_model_name_or_path_or_dict, self.unet_params, weight_name)
+        tree = lora_files.load_lora(pretrained_model_name_or_path_or_dict, self.unet_params, weight_name)
         self._lora = {**self._lora, name: tree}
         self._lora_weights = {**self._lora_weights, name: 1.0}
 
@@ -69,7 +69,7 @@ class LoraAdapters:
 
     def save_lora_weights(self, save_directory: str, unet_lora_layers: Any = None, *,
                           alpha: Optional[float] = None, adapter_name: Optional[str] = None,
-                          weight_name: str = lora.LORA_WEIGHT_NAME) -> str:
+                          weight_name: str = lora_files.LORA_WEIGHT_NAME) -> str:
         """Write ``unet_lora_layers`` (a LoRA tree with its ``alpha``; default: the loaded
         adapter ``adapter_name``) as a diffusers ``pytorch_lora_weights.safetensors``."""
         if unet_lora_layers is None:
@@ -79,7 +79,7 @@ class LoraAdapters:
             if name not in self._lora:
                 raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self._lora)}")
             unet_lora_layers = self._lora[name]
-        return lora.save_lora_weights(save_directory, unet_lora_layers, alpha, weight_name)
+        return lora_files.save_lora_weights(save_directory, unet_lora_layers, alpha, weight_name)
 
     def _unfused_lora(self) -> tuple:
         """((tree, strength), ...) the sampler merges: active adapters that are not fused."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from lcm_jax import atomic
 from lcm_jax import checkpoint as ckpt_lib
-from lcm_jax import distill, lora, loop, sharding, train_state
+from lcm_jax import distill, lora, lora_files, loop, sharding, train_state
 from lcm_jax.data.input_pipeline import make_pipeline
 from lcm_jax.data.sources import DIGIT_WORDS
 from lcm_jax.data.resolve import resolve_data
@@ -239,7 +239,7 @@ def train(config, workdir: str) -> str:
     if is_main and spec.lora:  # the teacher's folder (base UNet, unfused) + the LoRA file
         with atomic.folder(final, overwrite=True) as tmp:
             pipe.save_pretrained(tmp)
-            name = os.path.basename(lora.save_lora_weights(tmp, params, alpha=spec.lora_alpha))
+            name = os.path.basename(lora_files.save_lora_weights(tmp, params, alpha=spec.lora_alpha))
         logging.info("LCM-LoRA weights: %s", os.path.join(final, name))
         merged = jax.device_get(full(pipe.unet_params, params))
         _sample_grids(pipe, pipe.unet, merged, config, os.path.join(workdir, "samples", "final"))

@@ -10,7 +10,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 import sd_models
-from lcm_jax import lora, weights
+from lcm_jax import lora, lora_files, weights
 from lcm_jax.lora import LoraError
 from lcm_jax.pipeline import LCMPipeline
 
@@ -97,7 +97,7 @@ def run_unet(pipe):
 
 
 def _peft_state(folder):
-    return weights.read_safetensors(f"{folder}/{lora.LORA_WEIGHT_NAME}")
+    return weights.read_safetensors(f"{folder}/{lora_files.LORA_WEIGHT_NAME}")
 
 
 def _assert_same_tree(a, b, atol=1e-6):
@@ -111,7 +111,7 @@ def test_peft_lora_matches_diffusers(pipe, peft_lora, run_unet):
     folder, unet = peft_lora
     x, t, c = _inputs()
     want = _torch_out(unet, x, t, c)
-    tree = lora.load_lora(folder, pipe.unet_params)
+    tree = lora_files.load_lora(folder, pipe.unet_params)
     # the same modules as PEFT adapts for the same targets (and the same ranks)
     peft_names = {k[len("unet."):-len(".lora_A.weight")] for k in _peft_state(folder) if ".lora_A." in k}
     assert set(lora.target_modules(pipe.unet_params)) == peft_names
@@ -154,7 +154,7 @@ def test_export_loads_in_diffusers(sd_dir, pipe, peft_lora, run_unet, tmp_path):
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
     fresh = jax.tree_util.tree_unflatten(tdef, [
         0.1 * jax.random.normal(k, v.shape) if path[-1].key == "up" else v for k, (path, v) in zip(keys, leaves)])
-    lora.save_lora_weights(str(tmp_path / "fresh"), fresh, alpha=6.0)
+    lora_files.save_lora_weights(str(tmp_path / "fresh"), fresh, alpha=6.0)
     ours = run_unet(lora.merge(pipe.unet_params, fresh, alpha=6.0), x, t, c)
     ref = _diffusers_pipe(sd_dir)
     ref.load_lora_weights(str(tmp_path / "fresh"))
@@ -162,7 +162,7 @@ def test_export_loads_in_diffusers(sd_dir, pipe, peft_lora, run_unet, tmp_path):
     print(f"fresh LoRA (r=3, alpha=6) exported, diffusers vs ours: max abs diff {err:.2e}")
     assert err <= 1e-4
     # and it comes back to us as the same delta (alpha folded into up)
-    _assert_same_tree(lora.load_lora(str(tmp_path / "fresh"), pipe.unet_params), lora.fold_alpha(fresh, 6.0))
+    _assert_same_tree(lora_files.load_lora(str(tmp_path / "fresh"), pipe.unet_params), lora.fold_alpha(fresh, 6.0))
 
 
 def _kohya_state(peft_state, sgm=False):
@@ -203,7 +203,7 @@ def _old_diffusers_state(peft_state):
 
 def test_kohya_and_old_diffusers_keys_give_the_same_deltas(sd_dir, pipe, peft_lora, run_unet, tmp_path, caplog):
     folder, unet = peft_lora
-    want = lora.load_lora(folder, pipe.unet_params)
+    want = lora_files.load_lora(folder, pipe.unet_params)
     peft_state = _peft_state(folder)
     kohya = _kohya_state(peft_state)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
@@ -212,18 +212,18 @@ def test_kohya_and_old_diffusers_keys_give_the_same_deltas(sd_dir, pipe, peft_lo
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha": np.array(4.0, np.float32)}
     save_file({**kohya, **text}, str(tmp_path / "kohya.safetensors"))
     with caplog.at_level(logging.WARNING):
-        _assert_same_tree(lora.load_lora(str(tmp_path / "kohya.safetensors"), pipe.unet_params), want)
+        _assert_same_tree(lora_files.load_lora(str(tmp_path / "kohya.safetensors"), pipe.unet_params), want)
     assert "skipped 3 text-encoder LoRA tensors" in caplog.text
 
     sgm = _kohya_state(peft_state, sgm=True)
     assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in sgm
     assert "lora_unet_output_blocks_1_1_conv.lora_up.weight" in sgm
-    _assert_same_tree(lora.load_lora(sgm, pipe.unet_params), want)
-    _assert_same_tree(lora.load_lora(_old_diffusers_state(peft_state), pipe.unet_params), want)
+    _assert_same_tree(lora_files.load_lora(sgm, pipe.unet_params), want)
+    _assert_same_tree(lora_files.load_lora(_old_diffusers_state(peft_state), pipe.unet_params), want)
     # PEFT keys without diffusers' "unet." prefix (unet.save_attn_procs-era files)
     bare = {k[len("unet."):]: v * (_module_alpha(k[5:].rsplit(".lora_", 1)[0]) / v.shape[1] if ".lora_B." in k else 1)
             for k, v in peft_state.items()}
-    _assert_same_tree(lora.load_lora(bare, pipe.unet_params), want)
+    _assert_same_tree(lora_files.load_lora(bare, pipe.unet_params), want)
 
     # diffusers reads our kohya file the same way
     save_file(kohya, str(tmp_path / "kohya_unet.safetensors"))
@@ -342,7 +342,7 @@ def test_errors_name_the_problem(pipe, peft_lora, tmp_path):
     bad["lora_unet_down_blocks_0_resnets_9_conv1.lora_down.weight"] = state[a_key]
     bad["unet.down_blocks.0.resnets.0.norm1.lora_A.weight"] = state[a_key]
     with pytest.raises(LoraError) as e:
-        lora.load_lora(bad, params)
+        lora_files.load_lora(bad, params)
     msg = str(e.value)
     assert "not a Dense/Conv of the UNet (3)" in msg
     for name in ("'down_blocks.7.attentions.0.proj_in'", "'down_blocks_0_resnets_9_conv1'",
@@ -354,7 +354,7 @@ def test_errors_name_the_problem(pipe, peft_lora, tmp_path):
     del bad["unet.down_blocks.0.attentions.0.proj_out.lora_B.weight"]
     bad["unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector"] = np.ones(32, np.float32)
     with pytest.raises(LoraError) as e:
-        lora.load_lora(bad, params)
+        lora_files.load_lora(bad, params)
     msg = str(e.value)
     assert (f"module 'down_blocks.0.attentions.0.proj_in': {a_key} (4, 31, 1, 1)" in msg
             and "expected (4, 32, 1, 1)" in msg)
@@ -364,17 +364,17 @@ def test_errors_name_the_problem(pipe, peft_lora, tmp_path):
 
     torch.save({a_key: torch.zeros(3)}, tmp_path / "lora.bin")
     with pytest.raises(LoraError, match=r"lora\.bin' is a pickled PyTorch file.*safetensors only"):
-        lora.load_lora(str(tmp_path / "lora.bin"), params)
+        lora_files.load_lora(str(tmp_path / "lora.bin"), params)
     (tmp_path / "html.safetensors").write_bytes(b"<html>not found</html>")
     with pytest.raises(LoraError, match=r"html\.safetensors.*safetensors files only"):
-        lora.load_lora(str(tmp_path / "html.safetensors"), params)
+        lora_files.load_lora(str(tmp_path / "html.safetensors"), params)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        lora.load_lora(str(tmp_path / "missing.safetensors"), params)
+        lora_files.load_lora(str(tmp_path / "missing.safetensors"), params)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no pytorch_lora_weights.safetensors"):
-        lora.load_lora(str(tmp_path / "empty"), params)
+        lora_files.load_lora(str(tmp_path / "empty"), params)
     with pytest.raises(LoraError, match="no UNet LoRA tensors"):
-        lora.load_lora({"text_encoder.x.lora_A.weight": np.zeros((1, 1), np.float32)}, params)
+        lora_files.load_lora({"text_encoder.x.lora_A.weight": np.zeros((1, 1), np.float32)}, params)
 
     p = dataclasses.replace(pipe)
     p.load_lora_weights(folder)

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lcm_jax import checkpoint as ckpt_lib  # noqa: E402
-from lcm_jax import distill, lora, sharding, trainer  # noqa: E402
+from lcm_jax import distill, lora, lora_files, sharding, trainer  # noqa: E402
 from lcm_jax.pipeline import LCMPipeline  # noqa: E402
 from training import metrics, read_state, small_config  # noqa: E402
 
@@ -87,7 +87,7 @@ def test_only_lora_is_trained_and_the_base_is_untouched(teacher, run):
     exported = LCMPipeline.from_pretrained(final)
     assert not exported.is_lcm
     jax.tree.map(np.testing.assert_array_equal, exported.unet_params, base.unet_params)
-    assert os.path.isfile(os.path.join(final, lora.LORA_WEIGHT_NAME))
+    assert os.path.isfile(os.path.join(final, lora_files.LORA_WEIGHT_NAME))
     assert os.path.isfile(os.path.join(wd, "samples", "final_lcm1.png"))
     # the in-loop evaluation sees the merged student: the teacher's UNet (no omega embedding) + LoRA
     assert seen["unet"].config.time_cond_proj_dim is None

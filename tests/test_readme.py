@@ -58,11 +58,11 @@ def models(tmp_path_factory, one_torch_thread):
     sd_models.make_sd_pipeline(lcm, lcm=True)
     sd_models.make_sdxl_pipeline(sdxl)
     import jax
-    from lcm_jax import lora
+    from lcm_jax import lora, lora_files
     from lcm_jax.pipeline import LCMPipeline
     params = LCMPipeline.from_pretrained(sd).unet_params
     lora_dir = str(root / "lcm_lora")
-    lora.save_lora_weights(lora_dir, lora.init_lora(params, 4, rng=jax.random.PRNGKey(0)), alpha=4.0)
+    lora_files.save_lora_weights(lora_dir, lora.init_lora(params, 4, rng=jax.random.PRNGKey(0)), alpha=4.0)
     return {"sd": sd, "lcm": lcm, "sdxl": sdxl, "lora": lora_dir}
 
 

@@ -16,7 +16,7 @@ import pytest
 from flax import serialization
 from safetensors.numpy import load_file, save_file
 
-from lcm_jax import component_config, lora, weights
+from lcm_jax import component_config, lora, lora_files, weights
 from lcm_jax.models import clip, clip_vision, unet, vae
 from lcm_jax.models.params import unet_shapes
 from lcm_jax.pipeline import LCMPipeline
@@ -297,21 +297,21 @@ def unet_lora():
 
 def test_lora_non_float_refused_and_nonfinite_warns(unet_lora, tmp_path, caplog):
     shapes, tree = unet_lora
-    path = lora.save_lora_weights(str(tmp_path), tree)
+    path = lora_files.save_lora_weights(str(tmp_path), tree)
     state = load_file(path)
     key = sorted(k for k in state if k.endswith("lora_A.weight"))[0]
     ints = {**state, key: np.ones(state[key].shape, np.int64)}
     save_file(ints, path)
     with pytest.raises(lora.LoraError, match=rf"{key}: dtype int64, expected a float tensor"):
-        lora.load_lora(str(tmp_path), shapes)
+        lora_files.load_lora(str(tmp_path), shapes)
     with pytest.raises(lora.LoraError, match=rf"{key}: dtype int64"):
-        lora.load_lora(ints, shapes)
+        lora_files.load_lora(ints, shapes)
 
     nan = {**state, key: np.full(state[key].shape, np.nan, np.float32)}
     save_file(nan, path)
     with caplog.at_level(logging.WARNING):
-        lora.load_lora(str(tmp_path), shapes)
-        lora.load_lora(nan, shapes)
+        lora_files.load_lora(str(tmp_path), shapes)
+        lora_files.load_lora(nan, shapes)
     file_msg, dict_msg = _warnings(caplog)
     assert path in file_msg and f"tensors with NaN or inf values (1): {key}" in file_msg, file_msg
     assert "LoRA state dict" in dict_msg and key in dict_msg, dict_msg
