@@ -411,7 +411,7 @@ def print_memory(res: dict) -> None:
 
 def part_ckpt(state, state_sh, config, repeats: int = 3) -> dict:
     workdir = tempfile.mkdtemp(prefix="lcm_bench_ckpt_")
-    config_dict = trainer._config_dict(config)
+    config_dict = ckpt_lib.config_record(config)
     saves, restores = [], []
     try:
         ck = ckpt_lib.Checkpointer(workdir, keep=2, every=1)

@@ -77,6 +77,11 @@ def _differences(saved: dict, current: dict, keys: Optional[Iterable[str]] = Non
     return diffs
 
 
+def config_record(config) -> dict:
+    """A ConfigDict as the JSON dict a checkpoint records (and a resume compares: config_differences)."""
+    return json.loads(config.to_json_best_effort())
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint=<a>, now=<b>' for every key that must match on resume but doesn't."""
     return _differences(saved, current)

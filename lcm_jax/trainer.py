@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from typing import Any
@@ -104,10 +103,6 @@ def _check_config(config) -> distill.DistillSpec:
     if not 0.0 <= config.lcd.ema_decay <= 1.0:
         raise ValueError(f"config.lcd.ema_decay must be in [0, 1], got {config.lcd.ema_decay}")
     return spec
-
-
-def _config_dict(config) -> dict:
-    return json.loads(config.to_json_best_effort())
 
 
 def build_student(teacher_unet: UNet2DConditionModel, teacher_params: Any, config) -> tuple[UNet2DConditionModel, Any]:
@@ -225,7 +220,7 @@ def train(config, workdir: str) -> str:
 
     try:
         state = loop.fit(functools.partial(distill.train_step, spec=spec, models=models, tx=tx), state, state_sh,
-                         batcher, frozen, mesh=mesh, ckpt=ckpt, config_dict=_config_dict(config),
+                         batcher, frozen, mesh=mesh, ckpt=ckpt, config_dict=ckpt_lib.config_record(config),
                          num_steps=config.num_steps, batch_size=config.batch_size, log_every=config.log_every,
                          desc=spec.mode, metrics_dir=workdir, lr_fn=train_state.lr_schedule(config),
                          after_step=after_step, teacher=teacher_id)
