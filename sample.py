@@ -34,6 +34,9 @@ _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 or bfloat16 compute")
 _OUT = flags.DEFINE_string("out", "grid.png", "PNG grid to write")
 _SAVE_NPZ = flags.DEFINE_string("save_npz", None, "optional .npz with `images` and `prompts`")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks for user errors (a bad path, file or value)")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, "JAX's persistent compilation cache folder, or 'off' "
+                                     "(default: $LCM_JAX_COMPILE_CACHE, $JAX_COMPILATION_CACHE_DIR, else "
+                                     "~/.cache/lcm_jax/jax)")
 
 from lcm_jax.errors import UserError, run_cli  # noqa: E402  (light: no jax)
 
@@ -203,7 +206,12 @@ def args_from_flags() -> SampleArgs:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"sample.py: error: unexpected arguments {list(argv[1:])} (quote prompts: --prompt \"...\")")
-    run_cli("sample.py", lambda: run(args_from_flags()), _VERBOSE.value)
+    from lcm_jax import compile_cache
+
+    def cli():
+        compile_cache.enable(_COMPILE_CACHE.value)  # before anything compiles
+        return run(args_from_flags())
+    run_cli("sample.py", cli, _VERBOSE.value)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 flags.DEFINE_bool("multihost", False, "multi-host: let JAX detect the cluster (Cloud TPU, SLURM, MPI)")
 flags.DEFINE_bool("verbose", False, "full tracebacks for user errors (a bad config, path, file or data)")
+flags.DEFINE_string("compile_cache", None, "JAX's persistent compilation cache folder, or 'off' (default: "
+                    "$LCM_JAX_COMPILE_CACHE, $JAX_COMPILATION_CACHE_DIR, else ~/.cache/lcm_jax/jax)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -77,11 +79,12 @@ def main(argv):
             target.addFilter(f)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lcm_jax import errors, sharding, trainer
+    from lcm_jax import compile_cache, errors, sharding, trainer
     from lcm_jax.digits.run import run as run_digits
     from lcm_jax.checkpoint import CheckpointWriteError
 
     def run():
+        compile_cache.enable(FLAGS.compile_cache)
         sharding.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   auto=FLAGS.multihost)
         reproduce = FLAGS.config.get("reproduce", "")

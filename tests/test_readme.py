@@ -141,9 +141,11 @@ def test_train_commands_have_valid_configs(models, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sample_commands_run(models, tmp_path):
+    import jax
     runs = [c for c in commands() if c[0] == "sample.py"]
     assert len(runs) >= 2, runs
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+           "LCM_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or "off"}  # not ~/.cache
     env.pop("XLA_FLAGS", None)
     for i, argv in enumerate(runs):
         out = str(tmp_path / f"grid{i}.png")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,9 +17,11 @@ sample = sys.modules["sample"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sample)
 
 
-def _run(*args):
-    # A fresh process: no fake devices needed; compile fast as conftest does in-process.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+def _run(*args, env=None):
+    # A fresh process: no fake devices needed; compile fast as conftest does in-process, into the
+    # tests' compilation cache (not the user's ~/.cache)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+           "LCM_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or "off", **(env or {})}
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -48,6 +51,40 @@ def test_end_to_end(lcm_dir, tmp_path):
     assert list(prompts) == ["a cat", "a cat", "a photo of a dog", "a photo of a dog"]
     np.testing.assert_array_equal(grid[16:, 8:], images[3])
     assert images.std() > 0 and not np.array_equal(images[0], images[1])
+
+
+@pytest.mark.slow
+def test_a_second_run_compiles_nothing_new(lcm_dir, tmp_path):
+    """The persistent compilation cache is on by default: the second identical sample.py run adds no
+    entry (every program it needs was compiled by the first), while a new shape does."""
+    cache = tmp_path / "cache"
+    entries = lambda: sorted(os.listdir(cache))  # noqa: E731
+    args = (f"--pretrained={lcm_dir}", "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "16",
+            "--out", str(tmp_path / "grid.png"))
+    env = {"LCM_JAX_COMPILE_CACHE": str(cache)}
+    assert _run(*args, env=env).returncode == 0
+    first = entries()
+    assert first, "the first run wrote no compilation cache entry"
+    r = _run(*args, env=env)
+    assert r.returncode == 0 and entries() == first, r.stderr[-2000:]
+    assert _run(*args[:-2], "--height", "24", "--out", str(tmp_path / "g2.png"), env=env).returncode == 0
+    assert len(entries()) > len(first)  # (what counts as an entry: the check can fail)
+    r = _run(*args, "--compile_cache=off", env=env)  # off: nothing written, still samples
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_compile_cache_folder_errors(tmp_path):
+    """An unwritable folder named by the flag or the environment is one line, before anything loads."""
+    from lcm_jax import compile_cache
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(compile_cache.CompileCacheError, match="--compile_cache=.*cannot be written"):
+        compile_cache.enable(str(blocked / "sub"))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert compile_cache.enable("off") is None and jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 class FakePipe:

@@ -112,11 +112,7 @@ def beyond_configs(config, teacher: str, scorer: str) -> dict[str, object]:
 def run(config, workdir: str) -> str:
     """All stages; returns WORKDIR/results.md. A signal raises ``errors.Interrupted`` with the
     current stage's step saved: rerun to continue."""
-    os.makedirs(workdir, exist_ok=True)
-    if not jax.config.jax_compilation_cache_dir:  # the ablations and the evaluation recompile the
-        # main run's programs (same shapes, other params): JAX's persistent cache serves them, and a rerun
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    os.makedirs(workdir, exist_ok=True)  # (train.py turns on the persistent compilation cache: compile_cache.py)
     timings_path = os.path.join(workdir, "timings.json")
     timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
 
