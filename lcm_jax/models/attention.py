@@ -17,19 +17,74 @@ from jax import lax
 # writes the whole [B, N, T, S] float32 tensor to memory, ~7x slower at SD's 4096 tokens).
 CPU_MIN_SCORES = 1 << 18
 CPU_QUERY_BLOCK = 256
+# cuDNN flash attention (jax.nn.dot_product_attention(implementation="cudnn")): half precision,
+# head dim a multiple of 8, at most 256 on Hopper and later (compute capability >= 9), 128 on Ampere.
+CUDNN_DTYPES = ("bfloat16", "float16")
+# Pallas TPU flash attention (jax.experimental.pallas.ops.tpu): sequence lengths in whole blocks.
+PALLAS_BLOCK = 128
+PALLAS_MAX_HEAD_DIM = 256
+IMPLEMENTATIONS = ("xla", "cpu_blocked", "cudnn", "pallas_tpu")
+
+
+def attention_implementation(platform: str, dtype, q_shape: tuple, k_shape: tuple,
+                             gpu_capability: Optional[float] = None, num_devices: int = 1) -> str:
+    """The attention kernel for a backend, compute dtype and q [B, T, N, H] / k [B, S, N, H] shapes.
+
+    GPU: cuDNN's fused flash attention where it is allowed (else XLA, e.g. fp32, SD2's upcast
+    attention, the VAE's 512-wide head, pre-Ampere cards); TPU: the Pallas flash kernel for whole
+    128-blocks on one chip (a Pallas call has no SPMD partitioning rule, so a sharded program keeps
+    XLA's); CPU: the blocked loop for long sequences. Pure: tests call it for every backend.
+    """
+    t, h, s = q_shape[1], q_shape[3], k_shape[1]
+    if platform == "cpu":
+        return "cpu_blocked" if t * s >= CPU_MIN_SCORES else "xla"
+    if platform in ("gpu", "cuda"):
+        cap = gpu_capability or 0.0
+        max_h = 256 if cap >= 9.0 else 128
+        if jnp.dtype(dtype).name in CUDNN_DTYPES and cap >= 8.0 and h % 8 == 0 and h <= max_h:
+            return "cudnn"
+        return "xla"
+    if platform == "tpu":
+        if num_devices == 1 and t % PALLAS_BLOCK == 0 and s % PALLAS_BLOCK == 0 and h <= PALLAS_MAX_HEAD_DIM:
+            return "pallas_tpu"
+        return "xla"
+    return "xla"
+
+
+def _gpu_capability() -> Optional[float]:
+    cap = getattr(jax.devices()[0], "compute_capability", None)
+    return float(cap) if cap else None
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """softmax(q k^T * scale) v: q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H].
 
-    ``jax.nn.dot_product_attention`` except on CPU for long sequences (see CPU_MIN_SCORES),
-    chosen when the program is lowered (``lax.platform_dependent``).
+    The kernel is chosen when the program is traced, for the default backend
+    (``attention_implementation``); cuDNN's and Pallas' raise at trace time elsewhere, so they are
+    not behind ``lax.platform_dependent``. XLA's and the CPU loop are: a program lowered on a CPU
+    host for a GPU (the benchmarks' FLOP count) gets XLA's.
     """
+    backend = jax.default_backend()
+    impl = attention_implementation(backend, q.dtype, q.shape, k.shape,
+                                    _gpu_capability() if backend == "gpu" else None, jax.device_count())
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    if impl == "pallas_tpu":
+        return pallas_tpu_attention(q, k, v, scale)
     full = functools.partial(jax.nn.dot_product_attention, scale=scale)
-    if q.shape[1] * k.shape[1] < CPU_MIN_SCORES:
+    if impl == "xla":
         return full(q, k, v)
     return lax.platform_dependent(q, k, v, cpu=functools.partial(_blocked_attention, scale=scale),
                                   default=full)
+
+
+def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Pallas' TPU flash attention (forward and backward kernels) in our [B, T, N, H] layout; runs
+    on CPU under ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (the tests)."""
+    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+    heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731  [B, N, T, H]
+    out = flash_attention(heads_first(q), heads_first(k), heads_first(v), sm_scale=float(scale))
+    return heads_first(out)
 
 
 def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
