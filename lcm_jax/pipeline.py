@@ -8,6 +8,7 @@ omega = guidance_scale - 1 and runs no CFG batch; a plain UNet runs classifier-f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Optional, Sequence, Union
@@ -20,7 +21,7 @@ from lcm_jax import component_config, pipeline_folder, weights
 from lcm_jax.lora_adapters import LoraAdapters
 from lcm_jax.models.clip import CLIPTextModel, load_tokenizer, tokenize
 from lcm_jax.models.embeddings import sdxl_time_ids
-from lcm_jax.models.params import init_cond_proj, resolve_dtype, unet_shapes, vae_shapes
+from lcm_jax.models.params import init_cond_proj, resolve_dtype, to_device, unet_shapes, vae_shapes
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.models.vae import AutoencoderKL, VAEConfig
 from lcm_jax.sampling import CONSISTENCY_SCHEDULERS, SCHEDULERS, make_sample_fn
@@ -78,10 +79,12 @@ class LCMPipeline(LoraAdapters):
     _lora: dict = dataclasses.field(default_factory=dict, repr=False)
     _lora_weights: dict = dataclasses.field(default_factory=dict, repr=False)
     _lora_fused: dict = dataclasses.field(default_factory=dict, repr=False)
+    _schedule: Any = dataclasses.field(init=False, repr=False)  # on the device once, as the params
 
     def __post_init__(self):
         """An SDXL UNet needs the second text encoder, and the added conditioning's width must
         add up (the check diffusers' _get_add_time_ids makes at every call)."""
+        self._schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config)
         cfg = self.unet.config
         if (cfg.addition_embed_type == "text_time") != self.is_sdxl:
             raise ValueError(f"the UNet has addition_embed_type={cfg.addition_embed_type!r} but text_encoder_2 is "
@@ -101,12 +104,15 @@ class LCMPipeline(LoraAdapters):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Union[str, Any] = "float32", *,
-                        unet_overrides: Optional[dict] = None,
+                        param_dtype: Union[str, Any, None] = None, unet_overrides: Optional[dict] = None,
                         zero_init_cond_proj: bool = True) -> "LCMPipeline":
-        """Load a diffusers-layout folder. ``unet_overrides`` (e.g. ``{"time_cond_proj_dim": 256}``)
-        builds a student from a teacher: params the file lacks because of the override (only
-        ``time_embedding/cond_proj``) are initialised, zero by default; anything else is strict."""
+        """Load a diffusers-layout folder. The params go to the device once, here, as ``param_dtype``
+        (default: the compute ``dtype``; the trainer keeps float32 masters), so no call re-sends them.
+        ``unet_overrides`` (e.g. ``{"time_cond_proj_dim": 256}``) builds a student from a teacher:
+        params the file lacks because of the override (only ``time_embedding/cond_proj``) are
+        initialised, zero by default; anything else is strict."""
         dtype = resolve_dtype(dtype)
+        param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype)
         pipeline_folder.check_pipeline_folder(path)
         unet_cfg = component_config.read_config(os.path.join(path, "unet"))
         unet_cfg = UNetConfig.from_diffusers_config({**unet_cfg, **(unet_overrides or {})},
@@ -131,8 +137,11 @@ class LCMPipeline(LoraAdapters):
                         force_zeros_for_empty_prompt=pipeline_folder.read_force_zeros(path))
         sched = component_config.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         NoiseSchedule.from_scheduler_config(sched)  # validate now, not at the first call
-        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer, sched, dtype, **sdxl,
-                   guidance_range=pipeline_folder.read_guidance_range(path))
+        put = functools.partial(to_device, dtype=param_dtype)
+        if sdxl:
+            sdxl["text_params_2"] = put(sdxl["text_params_2"])
+        return cls(unet, put(unet_params), vae, put(vae_params), text_encoder, put(text_params), tokenizer, sched,
+                   dtype, **sdxl, guidance_range=pipeline_folder.read_guidance_range(path))
 
     def with_unet(self, unet: UNet2DConditionModel, unet_params: Any,
                   guidance_range: Optional[tuple[float, float]] = None) -> "LCMPipeline":
@@ -141,7 +150,7 @@ class LCMPipeline(LoraAdapters):
         shared: a sampler compiled for one UNet definition serves every pipeline derived from the same
         one (params are its arguments), so a student sampled every N steps compiles each sampler once.
         LoRA adapters belong to the old UNet and are not carried over."""
-        return dataclasses.replace(self, unet=unet.clone(remat="none"), unet_params=unet_params,
+        return dataclasses.replace(self, unet=unet.clone(remat="none"), unet_params=to_device(unet_params),
                                    guidance_range=guidance_range, _lora={}, _lora_weights={}, _lora_fused={})
 
     @property
@@ -177,7 +186,7 @@ class LCMPipeline(LoraAdapters):
 
     @property
     def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_scheduler_config(self.scheduler_config)
+        return self._schedule
 
     def encode_prompt(self, prompts: Sequence[str], return_pooled: bool = False
                       ) -> Union[jax.Array, tuple[jax.Array, Optional[jax.Array]]]:
@@ -188,7 +197,7 @@ class LCMPipeline(LoraAdapters):
         encoders = [(self.text_encoder, self.text_params, self.tokenizer)]
         if self.is_sdxl:
             encoders.append((self.text_encoder_2, self.text_params_2, self.tokenizer_2))
-        ids = tuple(jnp.asarray(tokenize(tok, prompts)) for _, _, tok in encoders)
+        ids = tuple(jax.device_put(tokenize(tok, prompts)) for _, _, tok in encoders)
         if "text" not in self._compiled:
             modules, sdxl = tuple(te for te, _, _ in encoders), self.is_sdxl
 
@@ -266,9 +275,10 @@ class LCMPipeline(LoraAdapters):
         if scheduler in CONSISTENCY_SCHEDULERS:
             timesteps = (lcm_timesteps if scheduler == "lcm" else mlcd_timesteps)(
                 int(num_inference_steps), self.schedule.num_train_timesteps, self.schedule.original_inference_steps)
-        rng = jax.random.PRNGKey(seed)
+        # every host value goes to the device explicitly (the params are there already)
+        rng = jax.random.PRNGKey(jax.device_put(np.uint32(seed)))
         rng_latents, rng_steps = jax.random.split(rng)
-        z = jnp.asarray(latents) if latents is not None else jax.random.normal(rng_latents, shape)
+        z = jax.device_put(latents) if latents is not None else jax.random.normal(rng_latents, shape)
 
         cond, pooled = self.encode_prompt(prompts, return_pooled=True)
         cond = jnp.repeat(cond, num_images_per_prompt, axis=0)  # [N, L, D]
@@ -277,17 +287,18 @@ class LCMPipeline(LoraAdapters):
         uncond, uncond_pooled = self._unconditional(cond, pooled) if use_cfg else (None, None)
         added = None  # SDXL: (added_cond_kwargs of cond, of uncond)
         if self.is_sdxl:
-            time_ids = jnp.asarray(sdxl_time_ids(height, width, n))  # [N, 6]
+            time_ids = jax.device_put(sdxl_time_ids(height, width, n))  # [N, 6]
             added = ({"text_embeds": pooled, "time_ids": time_ids},
                      {"text_embeds": uncond_pooled, "time_ids": time_ids} if use_cfg else None)
         fn = self._sampler(scheduler, int(num_inference_steps), use_cfg, output_type == "latent")
         args = dict(unet=self.unet_params, vae=self.vae_params, lora=self._unfused_lora())
+        w = jax.device_put(np.float32(guidance_scale))
         if scheduler in CONSISTENCY_SCHEDULERS:
-            noises = None if _noises is None else jnp.asarray(_noises, jnp.float32)
-            images = fn(args, z, cond, uncond, jnp.float32(guidance_scale), rng_steps, noises,
-                        jnp.asarray(timesteps, jnp.int32), added)
+            noises = None if _noises is None else jax.device_put(np.asarray(_noises, np.float32))
+            images = fn(args, z, cond, uncond, w, rng_steps, noises, jax.device_put(np.asarray(timesteps, np.int32)),
+                        added)
         else:
-            images = fn(args, z, cond, uncond, jnp.float32(guidance_scale), added)
+            images = fn(args, z, cond, uncond, w, added)
         images = np.asarray(jax.device_get(images))
         if output_type != "uint8":
             return images

@@ -161,3 +161,29 @@ def test_with_unet_shares_compiled_samplers(lcm_dir):
     assert not np.allclose(first, other)
     np.testing.assert_array_equal(base.with_unet(base.unet, base.unet_params)(
         "a cat", num_inference_steps=2, latents=z, output_type="np", height=16, width=16), first)
+
+
+def test_weights_stay_on_the_device(sd_dir, lcm_dir, tmp_path):
+    """The params go to the device once, at load: a second call (LCM with an unfused LoRA, DDIM + CFG,
+    given latents) sends only what it must, explicitly, and no weight crosses from the host. A bf16
+    pipeline holds bf16 params; ``param_dtype`` keeps float32 masters."""
+    import jax
+    import jax.numpy as jnp
+    from lcm_jax import lora, lora_files
+    lcm = LCMPipeline.from_pretrained(lcm_dir[0])
+    lora_files.save_lora_weights(str(tmp_path), lora.init_lora(lcm.unet_params, 2, rng=jax.random.PRNGKey(0)),
+                                 alpha=2.0)
+    lcm.load_lora_weights(str(tmp_path))
+    sd = LCMPipeline.from_pretrained(sd_dir[0])
+    calls = [lambda: lcm(["a cat"], 2, 8.0, seed=1), lambda: sd(["a cat", "a dog"], 2, 7.5, "ddim"),
+             lambda: sd(["a cat"], 1, 7.5, "dpm++", latents=_latents(1))]
+    for call in calls:
+        first = call()
+        with jax.transfer_guard_host_to_device("disallow"):
+            np.testing.assert_array_equal(call(), first)
+    leaves = jax.tree.leaves((lcm.unet_params, lcm.vae_params, lcm.text_params))
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    half = LCMPipeline.from_pretrained(sd_dir[0], dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(half.unet_params)} == {jnp.dtype(jnp.bfloat16)}
+    masters = LCMPipeline.from_pretrained(sd_dir[0], dtype="bfloat16", param_dtype="float32")
+    assert {x.dtype for x in jax.tree.leaves(masters.unet_params)} == {jnp.dtype(jnp.float32)}

@@ -4,6 +4,7 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcm_jax.models.clip import CLIPTextModel
 from lcm_jax.models.embeddings import TimestepEmbedding
@@ -19,6 +20,14 @@ def resolve_dtype(dtype: Union[str, Any]) -> Any:
             raise ValueError(f"dtype {dtype!r} is not supported: expected one of {sorted(DTYPES)}")
         return DTYPES[dtype]
     return dtype
+
+
+def to_device(params: Any, dtype: Any = None) -> Any:
+    """A param tree on the default device, its float leaves as ``dtype`` (None: as they are)."""
+    def leaf(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        return x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.device_put(jax.tree.map(leaf, params))
 
 
 def init_shapes(module, *args, method=None):
