@@ -34,6 +34,8 @@ _DTYPE = flags.DEFINE_string("dtype", "float32", "float32 or bfloat16 compute")
 _OUT = flags.DEFINE_string("out", "grid.png", "PNG grid to write")
 _SAVE_NPZ = flags.DEFINE_string("save_npz", None, "optional .npz with `images` and `prompts`")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "full tracebacks for user errors (a bad path, file or value)")
+_MESH = flags.DEFINE_string("mesh", "auto", "devices to sample over: auto (every local GPU/TPU on the data axis; "
+                            "CPU: one), none (one device) or sizes, e.g. data=8 or data=2,fsdp=4")
 _COMPILE_CACHE = flags.DEFINE_string("compile_cache", None, "JAX's persistent compilation cache folder, or 'off' "
                                      "(default: $LCM_JAX_COMPILE_CACHE, $JAX_COMPILATION_CACHE_DIR, else "
                                      "~/.cache/lcm_jax/jax)")
@@ -61,6 +63,27 @@ class SampleArgs:
     dtype: str = "float32"
     out: str = "grid.png"
     save_npz: Optional[str] = None
+    mesh: str = "auto"
+
+
+def parse_mesh(value: str):
+    """--mesh: "auto" (every local accelerator on the data axis; CPU: one device), "none" (one device)
+    or sizes "data=8" / "data=2,fsdp=4" (axes left out are 1; one may be -1, the rest)."""
+    import jax
+    from lcm_jax import sharding
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    try:
+        for part in value.split(","):
+            axis, size = part.split("=")
+            if axis.strip() not in sizes:
+                raise ValueError(axis)
+            sizes[axis.strip()] = int(size)
+        return sharding.make_mesh(sizes)
+    except ValueError as e:
+        raise SampleError(f"--mesh={value!r}: expected auto, none or sizes like data=8 or data=2,fsdp=4 "
+                          f"over the {len(jax.devices())} devices ({e})") from e
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: Optional[str]) -> list[str]:
@@ -187,7 +210,7 @@ def run(args: SampleArgs) -> np.ndarray:
 
     prompts = check_args(args)
     from lcm_jax.pipeline import LCMPipeline
-    pipe = LCMPipeline.from_pretrained(args.pretrained, dtype=args.dtype)
+    pipe = LCMPipeline.from_pretrained(args.pretrained, dtype=args.dtype, mesh=parse_mesh(args.mesh))
     images, image_prompts = generate(pipe, prompts, args)
     save(images, image_prompts, len(prompts), args.out, args.save_npz)
     logging.info("wrote %d images (%dx%d) to %s%s", len(images), images.shape[2], images.shape[1], args.out,
@@ -200,7 +223,7 @@ def args_from_flags() -> SampleArgs:
         pretrained=_PRETRAINED.value, prompts=list(_PROMPT.value), prompts_file=_PROMPTS_FILE.value,
         steps=_STEPS.value, guidance=_GUIDANCE.value, scheduler=_SCHEDULER.value, seed=_SEED.value,
         num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value, height=_HEIGHT.value,
-        width=_WIDTH.value, dtype=_DTYPE.value, out=_OUT.value, save_npz=_SAVE_NPZ.value)
+        width=_WIDTH.value, dtype=_DTYPE.value, out=_OUT.value, save_npz=_SAVE_NPZ.value, mesh=_MESH.value)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-import jax
 import numpy as np
 
 from lcm_jax import lora, lora_files
-from lcm_jax.models.params import to_device
+from lcm_jax.models.params import place
 
 
 class LoraAdapters:
@@ -25,7 +24,8 @@ class LoraAdapters:
         name = adapter_name or f"default_{len(self._lora)}"
         if name in self._lora:
             raise ValueError(f"adapter name {name!r} is already in use (loaded: {sorted(self._lora)})")
-        tree = to_device(lora_files.load_lora(pretrained_model_name_or_path_or_dict, self.unet_params, weight_name))
+        tree = place(lora_files.load_lora(pretrained_model_name_or_path_or_dict, self.unet_params, weight_name),
+                     mesh=self.mesh)
         self._lora = {**self._lora, name: tree}
         self._lora_weights = {**self._lora_weights, name: 1.0}
 
@@ -85,5 +85,5 @@ class LoraAdapters:
 
     def _unfused_lora(self) -> tuple:
         """((tree, strength), ...) the sampler merges: active adapters that are not fused."""
-        return tuple((self._lora[n], jax.device_put(np.float32(w))) for n, w in self._lora_weights.items()
+        return tuple((self._lora[n], self._replicate(np.float32(w))) for n, w in self._lora_weights.items()
                      if n not in self._lora_fused)

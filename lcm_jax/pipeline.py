@@ -16,18 +16,25 @@ from typing import Any, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcm_jax import component_config, pipeline_folder, weights
+from lcm_jax import component_config, pipeline_folder, sharding, weights
 from lcm_jax.lora_adapters import LoraAdapters
 from lcm_jax.models.clip import CLIPTextModel, load_tokenizer, tokenize
 from lcm_jax.models.embeddings import sdxl_time_ids
-from lcm_jax.models.params import init_cond_proj, resolve_dtype, to_device, unet_shapes, vae_shapes
+from lcm_jax.models.params import init_cond_proj, place, resolve_dtype, unet_shapes, vae_shapes
 from lcm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from lcm_jax.models.vae import AutoencoderKL, VAEConfig
 from lcm_jax.sampling import CONSISTENCY_SCHEDULERS, SCHEDULERS, make_sample_fn
 from lcm_jax.schedules import NoiseSchedule, lcm_timesteps, mlcd_timesteps
 
 OUTPUT_TYPES = ("uint8", "np", "latent")
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pad(x: jax.Array, extra: int, axis: int) -> jax.Array:
+    """``extra`` zero rows after ``x``'s along ``axis`` (jitted: the zeros are made on the device)."""
+    return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
 
 def check_guidance(guidance_scale: float, embeds_guidance: bool,
@@ -74,6 +81,7 @@ class LCMPipeline(LoraAdapters):
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = True
     guidance_range: Optional[tuple[float, float]] = None  # an LCM's trained w range (TRAINING_FILE), if known
+    mesh: Optional[Mesh] = None  # sampling: the batch split over data x fsdp, params by the partition rules
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     # LoRA adapters: see LoraAdapters
     _lora: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -103,16 +111,21 @@ class LCMPipeline(LoraAdapters):
     # ------------------------------------------------------------------ loading / saving
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: Union[str, Any] = "float32", *,
+    def from_pretrained(cls, path: str, dtype: Union[str, Any] = "float32", *, mesh: Any = "auto",
                         param_dtype: Union[str, Any, None] = None, unet_overrides: Optional[dict] = None,
                         zero_init_cond_proj: bool = True) -> "LCMPipeline":
-        """Load a diffusers-layout folder. The params go to the device once, here, as ``param_dtype``
+        """Load a diffusers-layout folder. The params go to the device(s) once, here, as ``param_dtype``
         (default: the compute ``dtype``; the trainer keeps float32 masters), so no call re-sends them.
+        ``mesh``: a jax.sharding.Mesh over ('data', 'fsdp', 'tensor') to sample over (the batch split
+        over data x fsdp, padded to it; params replicated, or sharded by the partition rules when
+        fsdp / tensor > 1, for a model one chip cannot hold), ``"auto"`` (every local accelerator on
+        the data axis; on CPU one device) or None (one device).
         ``unet_overrides`` (e.g. ``{"time_cond_proj_dim": 256}``) builds a student from a teacher:
         params the file lacks because of the override (only ``time_embedding/cond_proj``) are
         initialised, zero by default; anything else is strict."""
         dtype = resolve_dtype(dtype)
         param_dtype = dtype if param_dtype is None else resolve_dtype(param_dtype)
+        mesh = sharding.sampling_mesh(mesh)
         pipeline_folder.check_pipeline_folder(path)
         unet_cfg = component_config.read_config(os.path.join(path, "unet"))
         unet_cfg = UNetConfig.from_diffusers_config({**unet_cfg, **(unet_overrides or {})},
@@ -137,11 +150,11 @@ class LCMPipeline(LoraAdapters):
                         force_zeros_for_empty_prompt=pipeline_folder.read_force_zeros(path))
         sched = component_config.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         NoiseSchedule.from_scheduler_config(sched)  # validate now, not at the first call
-        put = functools.partial(to_device, dtype=param_dtype)
+        put = functools.partial(place, dtype=param_dtype, mesh=mesh)
         if sdxl:
             sdxl["text_params_2"] = put(sdxl["text_params_2"])
         return cls(unet, put(unet_params), vae, put(vae_params), text_encoder, put(text_params), tokenizer, sched,
-                   dtype, **sdxl, guidance_range=pipeline_folder.read_guidance_range(path))
+                   dtype, **sdxl, guidance_range=pipeline_folder.read_guidance_range(path), mesh=mesh)
 
     def with_unet(self, unet: UNet2DConditionModel, unet_params: Any,
                   guidance_range: Optional[tuple[float, float]] = None) -> "LCMPipeline":
@@ -150,7 +163,7 @@ class LCMPipeline(LoraAdapters):
         shared: a sampler compiled for one UNet definition serves every pipeline derived from the same
         one (params are its arguments), so a student sampled every N steps compiles each sampler once.
         LoRA adapters belong to the old UNet and are not carried over."""
-        return dataclasses.replace(self, unet=unet.clone(remat="none"), unet_params=to_device(unet_params),
+        return dataclasses.replace(self, unet=unet.clone(remat="none"), unet_params=place(unet_params, mesh=self.mesh),
                                    guidance_range=guidance_range, _lora={}, _lora_weights={}, _lora_fused={})
 
     @property
@@ -197,7 +210,7 @@ class LCMPipeline(LoraAdapters):
         encoders = [(self.text_encoder, self.text_params, self.tokenizer)]
         if self.is_sdxl:
             encoders.append((self.text_encoder_2, self.text_params_2, self.tokenizer_2))
-        ids = tuple(jax.device_put(tokenize(tok, prompts)) for _, _, tok in encoders)
+        ids = tuple(self._replicate(tokenize(tok, prompts)) for _, _, tok in encoders)
         if "text" not in self._compiled:
             modules, sdxl = tuple(te for te, _, _ in encoders), self.is_sdxl
 
@@ -266,6 +279,8 @@ class LCMPipeline(LoraAdapters):
                              f"got {height}x{width}")
         n = len(prompts) * num_images_per_prompt
         shape = (n, self.unet.config.in_channels, height // f, width // f)
+        step = sharding.batch_multiple(self.mesh)
+        n_pad = -(-n // step) * step  # a mesh's batch: zero rows after the real ones, cropped at the end
         if latents is not None:
             latents = np.asarray(latents, np.float32)
             if latents.shape != shape:
@@ -279,6 +294,7 @@ class LCMPipeline(LoraAdapters):
         rng = jax.random.PRNGKey(jax.device_put(np.uint32(seed)))
         rng_latents, rng_steps = jax.random.split(rng)
         z = jax.device_put(latents) if latents is not None else jax.random.normal(rng_latents, shape)
+        pad = lambda x, axis=0: None if x is None else self._split(_pad(x, n_pad - n, axis), axis)  # noqa: E731
 
         cond, pooled = self.encode_prompt(prompts, return_pooled=True)
         cond = jnp.repeat(cond, num_images_per_prompt, axis=0)  # [N, L, D]
@@ -288,27 +304,45 @@ class LCMPipeline(LoraAdapters):
         added = None  # SDXL: (added_cond_kwargs of cond, of uncond)
         if self.is_sdxl:
             time_ids = jax.device_put(sdxl_time_ids(height, width, n))  # [N, 6]
+            pooled, uncond_pooled, time_ids = pad(pooled), pad(uncond_pooled), pad(time_ids)
             added = ({"text_embeds": pooled, "time_ids": time_ids},
                      {"text_embeds": uncond_pooled, "time_ids": time_ids} if use_cfg else None)
-        fn = self._sampler(scheduler, int(num_inference_steps), use_cfg, output_type == "latent")
+        fn = self._sampler(scheduler, int(num_inference_steps), use_cfg, output_type == "latent",
+                           n if n_pad > n else None)
         args = dict(unet=self.unet_params, vae=self.vae_params, lora=self._unfused_lora())
-        w = jax.device_put(np.float32(guidance_scale))
+        w = self._replicate(np.float32(guidance_scale))
+        z, cond, uncond = pad(z), pad(cond), pad(uncond)
         if scheduler in CONSISTENCY_SCHEDULERS:
-            noises = None if _noises is None else jax.device_put(np.asarray(_noises, np.float32))
-            images = fn(args, z, cond, uncond, w, rng_steps, noises, jax.device_put(np.asarray(timesteps, np.int32)),
-                        added)
+            noises = None if _noises is None else pad(jax.device_put(np.asarray(_noises, np.float32)), 1)
+            images = fn(args, z, cond, uncond, w, self._replicate(rng_steps), noises,
+                        self._replicate(np.asarray(timesteps, np.int32)), added)
         else:
             images = fn(args, z, cond, uncond, w, added)
-        images = np.asarray(jax.device_get(images))
+        images = np.asarray(jax.device_get(images))[:n]
         if output_type != "uint8":
             return images
         return (images * 255).round().astype(np.uint8)
 
-    def _sampler(self, scheduler: str, steps: int, use_cfg: bool, latent: bool = False):
+    def _sampler(self, scheduler: str, steps: int, use_cfg: bool, latent: bool = False,
+                 num_real: Optional[int] = None):
         """One jitted function: UNet (+CFG) over all steps, then VAE decode and postprocess; kept
-        per UNet definition in the cache the pipelines made by ``with_unet`` share."""
-        key = (self.unet, scheduler, steps, use_cfg, latent)
+        per UNet definition in the cache the pipelines made by ``with_unet`` share. Its shardings
+        follow its inputs' (the batch split over the mesh, params as placed)."""
+        key = (self.unet, scheduler, steps, use_cfg, latent, num_real, self.mesh)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(make_sample_fn(
-                self.unet, self.vae, self.schedule, scheduler, steps, use_cfg, decode=not latent))
+                self.unet, self.vae, self.schedule, scheduler, steps, use_cfg, decode=not latent, num_real=num_real))
         return self._compiled[key]
+
+    def _replicate(self, x: Any) -> jax.Array:
+        """A host value on the device (every device of the mesh)."""
+        return jax.device_put(x) if self.mesh is None else jax.device_put(x, sharding.replicated(self.mesh))
+
+    def _split(self, x: jax.Array, axis: int = 0) -> jax.Array:
+        """A batch array split over the mesh's data x fsdp axes along ``axis`` (as is without a mesh)."""
+        if self.mesh is None:
+            return x
+        spec = [None] * x.ndim
+        spec[axis] = sharding.BATCH_AXES
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+

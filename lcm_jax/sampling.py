@@ -48,7 +48,8 @@ def _finish(z, traj, return_trajectory):
 
 def lcm_sample(model_fn: ModelFn, z_T: jax.Array, timesteps: Union[Sequence[int], jax.Array],
                schedule: NoiseSchedule, rng: Optional[jax.Array] = None,
-               noises: Optional[jax.Array] = None, *, return_trajectory: bool = False):
+               noises: Optional[jax.Array] = None, *, return_trajectory: bool = False,
+               num_real: Optional[int] = None):
     """LCM multistep sampling, as diffusers' LCMScheduler.step in a loop.
 
     At each timestep t: denoised = c_skip(t) z + c_out(t) x0_pred (consistency_fn); then,
@@ -58,6 +59,8 @@ def lcm_sample(model_fn: ModelFn, z_T: jax.Array, timesteps: Union[Sequence[int]
     timesteps: [S] descending (``lcm_timesteps``); rng: for the S-1 noises, unless
     ``noises`` [S-1, B,C,H,W] gives them (to replay a diffusers run). With
     ``return_trajectory`` also returns [S, B,C,H,W]: z after every step (diffusers' prev_sample).
+    ``num_real``: only the first examples are real (the rest pad a batch to a mesh): their noise is
+    drawn as for a batch of ``num_real``, so the padding changes no real example.
     """
     ts = jnp.asarray(timesteps, jnp.int32)  # [S]
     num_steps = ts.shape[0]
@@ -81,7 +84,10 @@ def lcm_sample(model_fn: ModelFn, z_T: jax.Array, timesteps: Union[Sequence[int]
         tb = _batch_t(t, z)
         denoised = consistency_fn(model_fn(z, tb), z, tb, schedule)
         if noises is None and num_steps > 1:
-            src = jax.random.normal(src, z.shape, jnp.float32)
+            real = z.shape[0] if num_real is None else num_real
+            src = jax.random.normal(src, (real,) + z.shape[1:], jnp.float32)
+            if real < z.shape[0]:
+                src = jnp.concatenate([src, jnp.zeros((z.shape[0] - real,) + z.shape[1:], jnp.float32)])
         ac_prev = _alphas_cumprod_at(schedule, t_prev)
         renoised = jnp.sqrt(ac_prev) * denoised + jnp.sqrt(1.0 - ac_prev) * src
         z = jnp.where(last, denoised, renoised).astype(jnp.float32)
@@ -254,7 +260,8 @@ def make_model_fn(unet: Any, params: Any, cond: jax.Array,
 
 
 def make_sample_fn(unet: Any, vae: Any, schedule: NoiseSchedule,
-                   scheduler: str, steps: int, use_cfg: bool, decode: bool = True):
+                   scheduler: str, steps: int, use_cfg: bool, decode: bool = True,
+                   num_real: Optional[int] = None):
     """The pure function the pipeline jits: initial latents -> images [N, H, W, 3] in [0, 1]
     (``decode=False``: the final latents [N, C, h, w]). ``params["lora"]`` (optional):
     ((lora tree, strength), ...) merged into ``params["unet"]`` first (unfused LoRA).
@@ -290,7 +297,7 @@ def make_sample_fn(unet: Any, vae: Any, schedule: NoiseSchedule,
         def sample(params, z, cond, uncond, guidance_scale, rng, noises, timesteps, added=None):
             model_fn = model(params, cond, uncond, guidance_scale, added)
             if scheduler == "lcm":
-                z0 = lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises)
+                z0 = lcm_sample(model_fn, z, timesteps, schedule, rng=rng, noises=noises, num_real=num_real)
             else:  # deterministic: no per-step noise
                 z0 = mlcd_sample(model_fn, z, timesteps, schedule)
             return finish(params, z0)

@@ -113,6 +113,27 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def sampling_mesh(mesh: Any = "auto") -> Optional[Mesh]:
+    """The mesh a pipeline samples over. A Mesh over AXES: as given; ``"auto"``: this process's devices
+    on the data axis when they are several accelerators (CPU devices share the host's cores, so none);
+    None: one device. Each process samples its own batch on its own devices."""
+    if mesh is None or isinstance(mesh, Mesh):
+        if mesh is not None and tuple(mesh.axis_names) != AXES:
+            raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected {AXES} (sizes may be 1)")
+        return mesh
+    if mesh != "auto":
+        raise ValueError(f"mesh={mesh!r}: expected 'auto', None or a jax.sharding.Mesh over {AXES}")
+    devices = jax.local_devices()
+    if len(devices) < 2 or devices[0].platform == "cpu":
+        return None
+    return make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+
+
+def batch_multiple(mesh: Optional[Mesh]) -> int:
+    """The number a sharded batch is padded to a multiple of (1 without a mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

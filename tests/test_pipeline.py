@@ -187,3 +187,31 @@ def test_weights_stay_on_the_device(sd_dir, lcm_dir, tmp_path):
     assert {x.dtype for x in jax.tree.leaves(half.unet_params)} == {jnp.dtype(jnp.bfloat16)}
     masters = LCMPipeline.from_pretrained(sd_dir[0], dtype="bfloat16", param_dtype="float32")
     assert {x.dtype for x in jax.tree.leaves(masters.unet_params)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_sampling_over_a_mesh_matches_one_device(sd_dir, lcm_dir, tmp_path, n):
+    """A pipeline over 8 devices (the batch split and zero-padded to them, params replicated, or
+    fsdp-sharded by the partition rules) makes the images one device makes: LCM 4 steps (with an
+    unfused LoRA), DDIM + CFG 3 steps; 'auto' on CPU is one device."""
+    import jax
+    from lcm_jax import lora, lora_files, sharding
+    prompts = ["a cat", "a dog", "a photo of a cat", "", "a dog dog", "cat", "a photo", "a"][:n]
+    lora_files.save_lora_weights(str(tmp_path), lora.init_lora(LCMPipeline.from_pretrained(lcm_dir[0]).unet_params,
+                                                               2, rng=jax.random.PRNGKey(1)), alpha=2.0)
+    data8 = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    fsdp = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    for folder, kw in ((lcm_dir[0], dict(num_inference_steps=4, guidance_scale=8.0)),
+                       (sd_dir[0], dict(num_inference_steps=3, guidance_scale=7.5, scheduler="ddim"))):
+        one, *meshed = (LCMPipeline.from_pretrained(folder, mesh=m) for m in (None, data8, fsdp))
+        assert one.mesh is None and LCMPipeline.from_pretrained(folder).mesh is None  # auto, CPU
+        for p in (one, *meshed):
+            if p.is_lcm:
+                p.load_lora_weights(str(tmp_path))
+        want = one(prompts, seed=3, output_type="np", **kw)
+        assert want.shape[0] == n
+        for p in meshed:
+            got = p(prompts, seed=3, output_type="np", **kw)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="mesh axes"):
+        LCMPipeline.from_pretrained(sd_dir[0], mesh=jax.sharding.Mesh(np.array(jax.devices()), ("batch",)))

@@ -20,9 +20,9 @@ _spec.loader.exec_module(sample)
 def _run(*args, env=None):
     # A fresh process: no fake devices needed; compile fast as conftest does in-process, into the
     # tests' compilation cache (not the user's ~/.cache)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
            "LCM_JAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir or "off", **(env or {})}
-    env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -240,3 +240,21 @@ def test_loader_errors_are_one_line(lcm_dir, tmp_path):
     assert last.startswith("sample.py: error: cannot read safetensors file") and "Traceback" not in r.stderr, r.stderr
     r = _run(f"--pretrained={broken}", "--prompt", "a cat", "--out", str(tmp_path / "g.png"), "--verbose")
     assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+@pytest.mark.slow
+def test_sampling_over_8_devices_matches_one(lcm_dir, tmp_path):
+    """sample.py --mesh=data=8 on 8 (CPU) devices writes the images --mesh=none does; a bad --mesh is one line."""
+    args = (f"--pretrained={lcm_dir}", "--prompt", "a cat", "--prompt", "a dog", "--num_images", "2",
+            "--batch_size", "3", "--steps", "2", "--height", "16", "--width", "16")
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = {}
+    for mesh in ("data=8", "none"):
+        npz = tmp_path / f"{mesh}.npz"
+        r = _run(*args, f"--mesh={mesh}", "--out", str(tmp_path / f"{mesh}.png"), "--save_npz", str(npz), env=eight)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[mesh] = np.load(npz)["images"]
+    assert out["none"].shape == (4, 16, 16, 3)
+    assert np.abs(out["data=8"].astype(int) - out["none"].astype(int)).max() <= 1  # uint8 rounding of 1e-5
+    r = _run(*args, "--mesh=data=3", env=eight)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("sample.py: error: --mesh='data=3'")

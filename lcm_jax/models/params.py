@@ -1,10 +1,13 @@
 """The models' dtypes and param trees: shapes without allocating (what strict loading checks
 against) and fresh params for the layers a student adds to its teacher."""
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from lcm_jax import sharding
 
 from lcm_jax.models.clip import CLIPTextModel
 from lcm_jax.models.embeddings import TimestepEmbedding
@@ -22,12 +25,14 @@ def resolve_dtype(dtype: Union[str, Any]) -> Any:
     return dtype
 
 
-def to_device(params: Any, dtype: Any = None) -> Any:
-    """A param tree on the default device, its float leaves as ``dtype`` (None: as they are)."""
+def place(params: Any, dtype: Any = None, mesh: Optional[Mesh] = None) -> Any:
+    """A param tree on the device(s): the default device, or over ``mesh`` replicated (sharded by the
+    partition rules where fsdp / tensor > 1); its float leaves as ``dtype`` (None: as they are)."""
     def leaf(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         return x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
-    return jax.device_put(jax.tree.map(leaf, params))
+    params = jax.device_put(jax.tree.map(leaf, params))
+    return params if mesh is None else jax.device_put(params, sharding.tree_shardings(params, mesh))
 
 
 def init_shapes(module, *args, method=None):
