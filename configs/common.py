@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum = 1                # micro-batches per optimizer step (optax.MultiSteps)
     c.seed = 0
     c.dtype = "float32"             # compute dtype: float32 | bfloat16 (master params stay float32)
-    c.remat = "none"                # none | block | full
+    c.remat = "none"                # none | block | full | dots (lcm_jax/models/unet.py REMAT_MODES)
     c.time_cond_proj_dim = 256      # student's omega-embedding width
     c.cond_proj_init = "zeros"      # zeros (student starts as the teacher) | default (diffusers' Linear init)
     c.checkpoint_every = 500

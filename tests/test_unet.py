@@ -165,8 +165,10 @@ def _count_remats(jaxpr) -> int:
 
 @pytest.mark.slow
 def test_remat_keeps_params_and_gradients():
-    """remat="block"/"full" checkpoint 5/20 modules of the lcm config (2 down + mid + 2 up
-    blocks; + 8 resnets and 7 transformers) yet give the same param tree and gradients."""
+    """remat="block"/"dots" checkpoint the 5 blocks of the lcm config (2 down + mid + 2 up), "full"
+    its 15 layers instead (8 resnets + 7 transformers, not nested in the blocks), with the same
+    param tree and gradients; XLA's FLOPs: each recomputes the forward at most once ("full" no
+    more than "block"), "dots" less than "block" (matmul and conv outputs kept)."""
     _, _, cfg, inputs = _case("lcm")
     params = _flax_case("lcm")[0]
     target = np.random.default_rng(1).standard_normal(inputs["sample"].shape, dtype=np.float32)
@@ -176,17 +178,24 @@ def test_remat_keeps_params_and_gradients():
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), **inputs)["params"]
         loss = lambda p: jnp.mean((model.apply({"params": p}, **inputs) - target) ** 2)  # noqa: E731
         n_remat = _count_remats(jax.make_jaxpr(loss)(params).jaxpr)
-        return shapes, n_remat, jax.jit(jax.grad(loss))(params)
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        cost = compiled.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+        return shapes, n_remat, compiled(params), flops
 
-    ref_shapes, n_ref, ref = grads("none")
+    ref_shapes, n_ref, ref, flops_ref = grads("none")
     assert n_ref == 0
-    for remat, n_expected in (("block", 5), ("full", 20)):
-        shapes, n, g = grads(remat)
+    flops = {}
+    for remat, n_expected in (("block", 5), ("full", 15), ("dots", 5)):
+        shapes, n, g, flops[remat] = grads(remat)
         assert jax.tree.structure(shapes) == jax.tree.structure(ref_shapes)
         assert jax.tree.map(lambda a, b: a.shape == b.shape, shapes, ref_shapes) == \
             jax.tree.map(lambda a: True, ref_shapes)
         assert n == n_expected, (remat, n)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=remat), g, ref)
+    forward = flops_ref / 3  # a grad step is ~3 forwards
+    assert flops_ref < flops["dots"] < flops["block"] <= flops_ref + 1.05 * forward, (flops_ref, flops)
+    assert flops["full"] <= flops["block"], flops
 
 
 def test_remat_unknown_mode_raises():

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 
 from lcm_jax import component_config
 from lcm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
-from lcm_jax.models.unet_blocks import (AttnSpec, DownBlock, RematDownBlock, RematMidBlock, RematUpBlock,
-                                        UNetMidBlock2DCrossAttn, UpBlock)
+from lcm_jax.models.unet_blocks import REMAT_BLOCKS, AttnSpec, DownBlock, UNetMidBlock2DCrossAttn, UpBlock
 
 IntOrTuple = Union[int, tuple]
 
@@ -27,9 +26,12 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 ADDITION_EMBED_TYPES = (None, "text_time")  # SD1/SD2; SDXL
-# Activation checkpointing: "none"; "block": each down/mid/up block is recomputed in the
-# backward pass; "full": also each ResnetBlock2D/Transformer2DModel inside a block (nested).
-REMAT_MODES = ("none", "block", "full")
+# Activation checkpointing (each recomputes the forward pass once, at most): "none"; "block": each
+# down/mid/up block is recomputed in the backward pass from its input; "full": each
+# ResnetBlock2D / Transformer2DModel instead (finer: less live memory, the same recompute);
+# "dots": each block, keeping its matmul and conv outputs (unet_blocks.save_matmuls_and_convs), so
+# only norms, activations and attention's softmax are recomputed.
+REMAT_MODES = ("none", "block", "full", "dots")
 
 # diffusers config keys we do not implement: the only values accepted for each.
 _FIXED_KEYS: dict[str, tuple] = {
@@ -303,10 +305,8 @@ class UNet2DConditionModel(nn.Module):
         attn = AttnSpec(cfg.use_linear_projection, cfg.upcast_attention, cfg.norm_num_groups, cfg.norm_eps)
         heads, channels, layers = cfg.heads_per_block, cfg.block_out_channels, cfg.layers_per_block_list
         n = cfg.num_blocks
-        remat_blocks, remat_layers = self.remat != "none", self.remat == "full"
-        down_cls = RematDownBlock if remat_blocks else DownBlock
-        mid_cls = RematMidBlock if remat_blocks else UNetMidBlock2DCrossAttn
-        up_cls = RematUpBlock if remat_blocks else UpBlock
+        remat_layers = self.remat == "full"  # (not nested in a block remat: one recompute, not two)
+        down_cls, mid_cls, up_cls = REMAT_BLOCKS.get(self.remat, (DownBlock, UNetMidBlock2DCrossAttn, UpBlock))
         pad = (cfg.conv_in_kernel - 1) // 2
         x = nn.Conv(channels[0], (cfg.conv_in_kernel,) * 2, padding=((pad, pad), (pad, pad)),
                     dtype=self.dtype, name="conv_in")(x)

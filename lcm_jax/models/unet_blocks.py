@@ -142,13 +142,24 @@ class UpBlock(nn.Module):
         return x
 
 
+def save_matmuls_and_convs(prim, *args, **params) -> bool:
+    """A jax.checkpoint policy: keep the outputs of convolutions and of matmuls without batch
+    dimensions (the projections and feed-forwards); recompute the rest, attention's batched
+    [T, S] score matmuls and softmax included (they are the largest activations)."""
+    return (prim.name == "conv_general_dilated"
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 # nn.remat'd twins of the modules (same names and params; only the backward pass differs).
 # UpBlock's ``upsample_size`` (argnum 5, counting self) is a shape tuple, hence static.
 _RematResnet = nn.remat(ResnetBlock2D)
 _RematTransformer = nn.remat(Transformer2DModel)
-RematDownBlock = nn.remat(DownBlock)
-RematMidBlock = nn.remat(UNetMidBlock2DCrossAttn)
-RematUpBlock = nn.remat(UpBlock, static_argnums=(5,))
+REMAT_BLOCKS = {  # UNet remat mode -> its (down, mid, up) block classes
+    "block": (nn.remat(DownBlock), nn.remat(UNetMidBlock2DCrossAttn), nn.remat(UpBlock, static_argnums=(5,))),
+    "dots": (nn.remat(DownBlock, policy=save_matmuls_and_convs),
+             nn.remat(UNetMidBlock2DCrossAttn, policy=save_matmuls_and_convs),
+             nn.remat(UpBlock, static_argnums=(5,), policy=save_matmuls_and_convs)),
+}
 
 
 def _resnet(parent: nn.Module) -> type:
