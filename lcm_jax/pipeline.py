@@ -112,14 +112,15 @@ class LCMPipeline(LoraAdapters):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Union[str, Any] = "float32", *, mesh: Any = "auto",
-                        param_dtype: Union[str, Any, None] = None, unet_overrides: Optional[dict] = None,
-                        zero_init_cond_proj: bool = True) -> "LCMPipeline":
+                        param_dtype: Union[str, Any, None] = None, on_device: bool = True,
+                        unet_overrides: Optional[dict] = None, zero_init_cond_proj: bool = True) -> "LCMPipeline":
         """Load a diffusers-layout folder. The params go to the device(s) once, here, as ``param_dtype``
         (default: the compute ``dtype``; the trainer keeps float32 masters), so no call re-sends them.
         ``mesh``: a jax.sharding.Mesh over ('data', 'fsdp', 'tensor') to sample over (the batch split
         over data x fsdp, padded to it; params replicated, or sharded by the partition rules when
         fsdp / tensor > 1, for a model one chip cannot hold), ``"auto"`` (every local accelerator on
-        the data axis; on CPU one device) or None (one device).
+        the data axis; on CPU one device) or None (one device). ``on_device=False`` keeps the params
+        host numpy arrays, for a caller that places them itself (the trainer, over its training mesh).
         ``unet_overrides`` (e.g. ``{"time_cond_proj_dim": 256}``) builds a student from a teacher:
         params the file lacks because of the override (only ``time_embedding/cond_proj``) are
         initialised, zero by default; anything else is strict."""
@@ -150,7 +151,7 @@ class LCMPipeline(LoraAdapters):
                         force_zeros_for_empty_prompt=pipeline_folder.read_force_zeros(path))
         sched = component_config.read_config(os.path.join(path, "scheduler"), "scheduler_config.json")
         NoiseSchedule.from_scheduler_config(sched)  # validate now, not at the first call
-        put = functools.partial(place, dtype=param_dtype, mesh=mesh)
+        put = functools.partial(place, dtype=param_dtype, mesh=mesh, device=on_device)
         if sdxl:
             sdxl["text_params_2"] = put(sdxl["text_params_2"])
         return cls(unet, put(unet_params), vae, put(vae_params), text_encoder, put(text_params), tokenizer, sched,

@@ -148,7 +148,8 @@ def train(config, workdir: str) -> str:
             if is_main:
                 make_tiny_pipeline(pretrained, DIGIT_WORDS, resolution=config.data.resolution, seed=config.seed)
         sharding.sync_processes("tiny_teacher")  # the others read what process 0 wrote
-    pipe = LCMPipeline.from_pretrained(pretrained, dtype=config.dtype, param_dtype="float32")  # fp32 masters
+    # float32 masters, on the host: the step's frozen trees are placed over the training mesh below
+    pipe = LCMPipeline.from_pretrained(pretrained, dtype=config.dtype, param_dtype="float32", on_device=False)
     # the checkpoints' record of which model they continue (a moved folder still matches)
     teacher_id = {"fingerprint": ckpt_lib.fingerprint(pretrained, PIPELINE_COMPONENTS),
                   "path": os.path.abspath(pretrained)}

@@ -25,13 +25,17 @@ def resolve_dtype(dtype: Union[str, Any]) -> Any:
     return dtype
 
 
-def place(params: Any, dtype: Any = None, mesh: Optional[Mesh] = None) -> Any:
+def place(params: Any, dtype: Any = None, mesh: Optional[Mesh] = None, device: bool = True) -> Any:
     """A param tree on the device(s): the default device, or over ``mesh`` replicated (sharded by the
-    partition rules where fsdp / tensor > 1); its float leaves as ``dtype`` (None: as they are)."""
+    partition rules where fsdp / tensor > 1); its float leaves as ``dtype`` (None: as they are).
+    ``device=False``: host numpy arrays (the cast only)."""
     def leaf(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         return x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
-    params = jax.device_put(jax.tree.map(leaf, params))
+    params = jax.tree.map(leaf, params)
+    if not device:
+        return params
+    params = jax.device_put(params)
     return params if mesh is None else jax.device_put(params, sharding.tree_shardings(params, mesh))
 
 

@@ -123,7 +123,8 @@ def write_cache(config, out_dir: str, *, pipe=None, batch_size: int = 0, shard_s
         if not config.pretrained:
             raise ValueError("config.pretrained is empty: the cache is encoded by that pipeline's VAE and "
                              "text encoder (set --config.pretrained=DIR)")
-        pipe = LCMPipeline.from_pretrained(config.pretrained, dtype=config.dtype, param_dtype="float32")  # (identity)
+        pipe = LCMPipeline.from_pretrained(config.pretrained, dtype=config.dtype, param_dtype="float32",
+                                           on_device=False)  # float32: the identity; placed by the encoder
     if pipe.is_sdxl:
         raise ValueError(f"{config.pretrained or 'the pipeline'!r} is SDXL: a latent cache does not hold its "
                          "pooled text embeddings yet; train SDXL from images")
