@@ -39,7 +39,7 @@ from lcm_jax.loop import NonFiniteError  # noqa: F401 -- raised from here; part 
 from lcm_jax.models.clip import tokenize
 from lcm_jax.models.unet import REMAT_MODES, UNet2DConditionModel
 from lcm_jax.models.embeddings import sdxl_time_ids
-from lcm_jax.models.params import init_cond_proj, resolve_dtype
+from lcm_jax.models.params import init_cond_proj, place, resolve_dtype
 from lcm_jax.pipeline import LCMPipeline
 from lcm_jax.pipeline_folder import COMPONENTS, SDXL_COMPONENTS, check_pipeline_folder
 from lcm_jax.sampling import CONSISTENCY_SCHEDULERS
@@ -192,13 +192,16 @@ def train(config, workdir: str) -> str:
     evaluate = make_evaluator(config, pipe, workdir) if config.eval_every else None
 
     # ------------------------------------------------------------------ sharded init
+    # the frozen models in the compute dtype, cast once here rather than inside every call (only the
+    # trained params stay float32); LCM-LoRA's base stays float32: the LoRA is merged into it in the step
+    compute = functools.partial(place, dtype=resolve_dtype(config.dtype), device=False)
     frozen = _unconditional(pipe, config.data.resolution)
     if not cached:  # from a cache the step runs neither the VAE nor the text encoder
-        frozen.update(vae=pipe.vae_params, text=pipe.text_params)
+        frozen.update(vae=compute(pipe.vae_params), text=compute(pipe.text_params))
         if pipe.is_sdxl:
-            frozen.update(text_2=pipe.text_params_2)
-    if teacher is not None:  # LCM-LoRA: also the student's base weights
-        frozen["teacher"] = pipe.unet_params
+            frozen.update(text_2=compute(pipe.text_params_2))
+    if teacher is not None:  # LCD's teacher; LCM-LoRA: the student's base weights
+        frozen["teacher"] = pipe.unet_params if spec.lora else compute(pipe.unet_params)
     frozen = sharding.put(frozen, sharding.tree_shardings(frozen, mesh))
     tx = train_state.make_optimizer(config, config.lcd.ema_decay if spec.uses_ema else None)  # else: the online target
     state, state_sh = train_state.init_sharded(params, tx, config.seed, mesh)

@@ -199,3 +199,28 @@ def test_lcf_fine_tunes_an_lcm_on_a_folder(teacher, tmp_path):
     losses = [r["loss"] for r in metrics(str(tmp_path / "lcf"))]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
     assert os.path.isdir(os.path.join(final, "unet"))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_frozen_models_are_cast_once_to_the_compute_dtype(teacher, tmp_path, monkeypatch, lora_rank):
+    """bfloat16 training: the frozen teacher, VAE and text encoder enter the step in bfloat16 (cast
+    once, not inside every call); the trained params stay float32; LCM-LoRA's base stays float32."""
+    import jax.numpy as jnp
+    seen = {}
+
+    def fit(step_fn, state, state_sh, batches, frozen, **kw):
+        seen.update(frozen=frozen, params=state.params)
+        raise _Stop
+
+    monkeypatch.setattr(trainer.loop, "fit", fit)
+    with pytest.raises(_Stop):
+        trainer.train(small_config(teacher, dtype="bfloat16", **{"lora.rank": lora_rank}), str(tmp_path))
+    dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
+    assert dtypes(seen["frozen"]["vae"]) == dtypes(seen["frozen"]["text"]) == {jnp.dtype(jnp.bfloat16)}
+    base = jnp.float32 if lora_rank else jnp.bfloat16
+    assert dtypes(seen["frozen"]["teacher"]) == {jnp.dtype(base)}
+    assert dtypes(seen["params"]) == {jnp.dtype(jnp.float32)}

@@ -31,7 +31,9 @@ def place(params: Any, dtype: Any = None, mesh: Optional[Mesh] = None, device: b
     ``device=False``: host numpy arrays (the cast only)."""
     def leaf(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        return x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
+        if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(dtype, copy=False) if isinstance(x, np.ndarray) else x.astype(dtype)
     params = jax.tree.map(leaf, params)
     if not device:
         return params
