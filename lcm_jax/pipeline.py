@@ -167,6 +167,17 @@ class LCMPipeline(LoraAdapters):
         return dataclasses.replace(self, unet=unet.clone(remat="none"), unet_params=place(unet_params, mesh=self.mesh),
                                    guidance_range=guidance_range, _lora={}, _lora_weights={}, _lora_fused={})
 
+    def on_devices(self, mesh: Any = "auto") -> "LCMPipeline":
+        """This pipeline with every param tree placed once on the device(s) (``mesh`` as in
+        ``from_pretrained``), for a caller that loaded it with ``on_device=False`` and now samples
+        many times (the data-free teacher data). The compiled programs are shared."""
+        mesh = sharding.sampling_mesh(mesh)
+        put = functools.partial(place, mesh=mesh)
+        return dataclasses.replace(
+            self, unet_params=put(self.unet_params), vae_params=put(self.vae_params), text_params=put(self.text_params),
+            text_params_2=None if self.text_params_2 is None else put(self.text_params_2), mesh=mesh,
+            _lora={k: put(v) for k, v in self._lora.items()})
+
     @property
     def is_lcm(self) -> bool:
         return self.unet.config.time_cond_proj_dim is not None

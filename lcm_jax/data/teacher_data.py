@@ -107,9 +107,9 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
     the teacher) from ``data.prompts`` into the latent cache ``out_dir``; returns its index.
 
     Written to out_dir.partial and renamed when complete (cache_writer.finalize). Raises ValueError /
-    FileExistsError before generating on bad arguments. Multi-host: kept simple, process 0
-    generates on its default device while the others wait at a barrier (``out_dir`` on a shared
-    file system); the samples are not split over the devices.
+    FileExistsError before generating on bad arguments. The batch is split over process 0's local
+    accelerators (``LCMPipeline.on_devices``; its params placed once); multi-host: kept simple,
+    process 0 generates while the others wait at a barrier (``out_dir`` on a shared file system).
     """
     import jax
     import tqdm
@@ -144,16 +144,17 @@ def write_teacher_cache(config, out_dir: str, pipe, *, overwrite: bool = False, 
         os.makedirs(partial)
         writer = cache_writer.ShardWriter(partial, shard_size, "float32")
         scaling = float(pipe.vae.config.scaling_factor)
+        gen = pipe.on_devices()  # (the trainer's pipeline holds host params)
         with tqdm.tqdm(total=n, unit="img", desc=f"teacher data {out_dir}") as bar:
             for b in range(math.ceil(n / batch)):
                 # the last batch padded (prompts continue cycling) to the same shape: one compile
                 ids = range(b * batch, (b + 1) * batch)
                 batch_prompts = [prompts[i % len(prompts)] for i in ids]
                 keep = min(batch, n - b * batch)
-                latents = pipe(batch_prompts, num_inference_steps=settings["steps"],
+                latents = gen(batch_prompts, num_inference_steps=settings["steps"],
                                guidance_scale=settings["guidance"], scheduler=settings["scheduler"],
                                height=res, width=res, seed=settings["seed"] + b, output_type="latent")
-                embeds = np.asarray(pipe.encode_prompt(batch_prompts), np.float32)[:keep]  # [keep, L, D]
+                embeds = np.asarray(gen.encode_prompt(batch_prompts), np.float32)[:keep]  # [keep, L, D]
                 mean = np.asarray(latents, np.float32)[:keep] / scaling  # [keep, C, h, w]
                 writer.add({"latent_mean": mean, "latent_logvar": np.full_like(mean, LOGVAR),
                             "prompt_embeds": embeds}, batch_prompts[:keep])
