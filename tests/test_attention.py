@@ -63,6 +63,7 @@ def _check(ours, q, k, v, atol, scale):
         np.testing.assert_allclose(up(g), up(g_ref), rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, atol", [(F32, 1e-5), (BF16, 2e-2)])
 @pytest.mark.parametrize("t, s, h", [(256, 256, 40), (128, 256, 80)])
 def test_pallas_tpu_kernel_matches_xla(t, s, h, dtype, atol):
