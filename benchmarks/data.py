@@ -1,8 +1,8 @@
 """Input pipeline throughput: decoded + preprocessed images/s at 512x512, per CPU core, from a
 folder and from tar shards (lcm_jax.data.input_pipeline, the path training takes).
 
-    python benchmarks/data.py                                  # 96 JPEGs of 1024x768 -> 512x512
-    python benchmarks/data.py --size 640x480 --threads 1,2,4 --epochs 3
+    python -m benchmarks.data                                  # 96 JPEGs of 1024x768 -> 512x512
+    python -m benchmarks.data --size=640x480 --threads=1,2,4 --epochs=3
 
 The images are written first (smooth random colour fields with grain, JPEG quality 90: sizes
 and decode cost like web photos; sidecar captions), to a folder and to 4 tar shards. Each
@@ -20,24 +20,32 @@ values first; it is read from the page cache (a warm disk), so this is the pipel
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs.common import base_config
+from lcm_jax.data import cache, decode
+from lcm_jax.data.cache import writer as cache_writer
+from lcm_jax.data.input_pipeline import make_pipeline
 
-from configs.common import base_config  # noqa: E402
-from lcm_jax.data import cache, decode  # noqa: E402
-from lcm_jax.data.cache import writer as cache_writer  # noqa: E402
-from lcm_jax.data.input_pipeline import make_pipeline  # noqa: E402
+flags.DEFINE_integer("n", 96, "images written")
+flags.DEFINE_string("size", "1024x768", "source image WxH")
+flags.DEFINE_integer("resolution", 512, "training resolution (square crop)")
+flags.DEFINE_integer("batch", 8, "images per batch")
+flags.DEFINE_integer("epochs", 2, "timed epochs per row, after one warm-up batch")
+flags.DEFINE_integer("shards", 4, "tar shards written")
+flags.DEFINE_string("threads", f"1,{os.cpu_count()}", "decode threads per row")
+flags.DEFINE_string("workers", "0", "decode processes per row (data.worker_count)")
+flags.DEFINE_integer("cache_n", 512, "examples in the latent cache (0: no cache rows)")
+FLAGS = flags.FLAGS
 
 DATA = base_config().data.to_dict()  # every data key at its default
 
@@ -136,44 +144,35 @@ def bare(folder: str, resolution: int, n: int, draft: bool) -> tuple[float, floa
     return len(blobs) / wall, len(blobs) / cpu
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=96, help="images written")
-    ap.add_argument("--size", default="1024x768", help="source image WxH")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="decode threads per row")
-    ap.add_argument("--workers", default="0", help="decode processes per row (data.worker_count)")
-    ap.add_argument("--cache_n", type=int, default=512, help="examples in the latent cache (0: no cache rows)")
-    args = ap.parse_args()
-    w, h = (int(x) for x in args.size.lower().split("x"))
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    w, h = (int(x) for x in FLAGS.size.lower().split("x"))
     cores = os.cpu_count()
     print(f"{cores} CPU cores (os.cpu_count), load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as root:
-        folder, pattern = write_data(root, args.n, w, h, args.shards)
-        cache_dir = write_cache(root, args.cache_n, args.resolution) if args.cache_n else ""
+        folder, pattern = write_data(root, FLAGS.n, w, h, FLAGS.shards)
+        cache_dir = write_cache(root, FLAGS.cache_n, FLAGS.resolution) if FLAGS.cache_n else ""
         rows = []
-        for workers in (int(x) for x in args.workers.split(",")):
-            for threads in (int(t) for t in args.threads.split(",")):
+        for workers in (int(x) for x in FLAGS.workers.split(",")):
+            for threads in (int(t) for t in FLAGS.threads.split(",")):
                 for name, path in (("folder", folder), ("tar", pattern)):
-                    data = {**DATA, "source": name, "path": path, "resolution": args.resolution, "random_flip": True,
+                    data = {**DATA, "source": name, "path": path, "resolution": FLAGS.resolution, "random_flip": True,
                             "center_crop": False, "num_threads": threads, "worker_count": workers}
-                    rows.append((name, threads, workers, *run(data, args.batch, args.epochs, args.n)))
-                if args.cache_n:
-                    data = {**DATA, "source": "cache", "path": cache_dir, "resolution": args.resolution,
+                    rows.append((name, threads, workers, *run(data, FLAGS.batch, FLAGS.epochs, FLAGS.n)))
+                if FLAGS.cache_n:
+                    data = {**DATA, "source": "cache", "path": cache_dir, "resolution": FLAGS.resolution,
                             "num_threads": threads, "worker_count": workers}
-                    rows.append(("cache", threads, workers, *run(data, args.batch, args.epochs, args.cache_n)))
+                    rows.append(("cache", threads, workers, *run(data, FLAGS.batch, FLAGS.epochs, FLAGS.cache_n)))
         for draft in (True, False):
             rows.append((f"preprocess only{'' if draft else ', no JPEG draft'}", 1, 0,
-                         *bare(folder, args.resolution, args.n, draft)))
-    print(f"\n{args.size} JPEG -> {args.resolution}x{args.resolution}, batch {args.batch}\n")
+                         *bare(folder, FLAGS.resolution, FLAGS.n, draft)))
+    print(f"\n{FLAGS.size} JPEG -> {FLAGS.resolution}x{FLAGS.resolution}, batch {FLAGS.batch}\n")
     print("| source | decode threads | worker processes | images/s (wall) | batches/s (wall) | images per CPU-second |")
     print("|---|---|---|---|---|---|")
     for name, threads, workers, wall, per_cpu in rows:
-        print(f"| {name} | {threads} | {workers} | {wall:.1f} | {wall / args.batch:.2f} | {per_cpu:.1f} |")
+        print(f"| {name} | {threads} | {workers} | {wall:.1f} | {wall / FLAGS.batch:.2f} | {per_cpu:.1f} |")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

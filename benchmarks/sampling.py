@@ -2,8 +2,8 @@
 + CFG (one process, one set of random weights), then JAX against diffusers (PyTorch) for LCM-4
 on the same weights in float32 and bfloat16.
 
-  python benchmarks/sampling.py --model tiny                    # ~1 min on 2 CPU cores
-  python benchmarks/sampling.py --model sd15 --dtype bfloat16   # SD1.5-shaped, 512x512, ~20 min
+  python -m benchmarks.sampling --model=tiny                    # ~1 min on 2 CPU cores
+  python -m benchmarks.sampling --model=sd15 --dtype=bfloat16   # SD1.5-shaped, 512x512, ~20 min
 
 ``sd15`` is an SD1.5-shaped UNet (860M params), the SD VAE and a CLIP-L-shaped text encoder
 with random weights built from our modules (nothing is downloaded); ``tiny`` is
@@ -18,20 +18,19 @@ call minus its compile time (their CPU seconds, less the compile's wall time, ar
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import traverse_util
 
 from lcm_jax.models.clip import CLIPTextConfig, CLIPTextModel
@@ -41,6 +40,19 @@ from lcm_jax.models.params import text_shapes, unet_shapes, vae_shapes
 from lcm_jax.pipeline import LCMPipeline
 from lcm_jax.tiny import SD_SCHEDULER, tiny_configs
 from lcm_jax.tokenizer import build_word_tokenizer
+
+flags.DEFINE_enum("model", "tiny", ["tiny", "sd15"], "lcm_jax.tiny's model or an SD1.5-shaped one")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                  "compute dtype of the sampler table (default: float32 tiny, bfloat16 sd15)")
+flags.DEFINE_integer("size", None, "image side (default: 32 tiny, 512 sd15)")
+flags.DEFINE_string("lcm_steps", "1,2,4,8", "LCM step counts, one row each")
+flags.DEFINE_string("teacher", "ddim:50,dpm++:25", "scheduler:steps,... ('' to skip)")
+flags.DEFINE_string("compare_dtypes", "float32,bfloat16",
+                    "dtypes of the JAX vs diffusers LCM-4 comparison ('' to skip)")
+flags.DEFINE_integer("repeats", None, "timed calls per row (default 5 tiny, 1 sd15)")
+flags.DEFINE_float("max_repeat_s", 60.0, "a row whose first call runs longer than this is not repeated")
+flags.DEFINE_string("workdir", None, "where the pipeline is saved for diffusers (default: a temp dir)")
+FLAGS = flags.FLAGS
 
 PROMPT = "a photo of a cat"
 WORDS = ["a", "photo", "of", "cat", "dog"]
@@ -183,33 +195,21 @@ def log(msg=""):
 
 # --------------------------------------------------------------------------- main
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype of the sampler table (default: float32 tiny, bfloat16 sd15)")
-    p.add_argument("--size", type=int, default=None, help="image side (default: 32 tiny, 512 sd15)")
-    p.add_argument("--lcm-steps", default="1,2,4,8")
-    p.add_argument("--teacher", default="ddim:50,dpm++:25", help="scheduler:steps,... ('' to skip)")
-    p.add_argument("--compare-dtypes", default="float32,bfloat16",
-                   help="dtypes of the JAX vs diffusers LCM-4 comparison ('' to skip)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 5 tiny, 1 sd15)")
-    p.add_argument("--max-repeat-s", type=float, default=60.0,
-                   help="a row whose first call runs longer than this is not repeated")
-    p.add_argument("--workdir", default=None, help="where the pipeline is saved for diffusers (default: a temp dir)")
-    args = p.parse_args(argv)
-    dtype_name = args.dtype or ("bfloat16" if args.model == "sd15" else "float32")
-    size = args.size or (512 if args.model == "sd15" else 32)
-    repeats = args.repeats if args.repeats is not None else (1 if args.model == "sd15" else 5)
-    lcm_steps = [int(s) for s in args.lcm_steps.split(",") if s]
-    teacher = [(s.split(":")[0], int(s.split(":")[1])) for s in args.teacher.split(",") if s]
-    compare = [d for d in args.compare_dtypes.split(",") if d]
-    tmp = tempfile.TemporaryDirectory(prefix="lcm_bench_") if args.workdir is None else None
-    workdir = args.workdir or tmp.name
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    dtype_name = FLAGS.dtype or ("bfloat16" if FLAGS.model == "sd15" else "float32")
+    size = FLAGS.size or (512 if FLAGS.model == "sd15" else 32)
+    repeats = FLAGS.repeats if FLAGS.repeats is not None else (1 if FLAGS.model == "sd15" else 5)
+    lcm_steps = [int(s) for s in FLAGS.lcm_steps.split(",") if s]
+    teacher = [(s.split(":")[0], int(s.split(":")[1])) for s in FLAGS.teacher.split(",") if s]
+    compare = [d for d in FLAGS.compare_dtypes.split(",") if d]
+    tmp = tempfile.TemporaryDirectory(prefix="lcm_bench_") if FLAGS.workdir is None else None
+    workdir = FLAGS.workdir or tmp.name
 
     t0 = time.perf_counter()
-    w = build_weights(args.model, workdir)
-    log(f"# {args.model}: UNet {n_params(w.teacher):.1f}M (+cond_proj {n_params(w.lcm) - n_params(w.teacher):.2f}M), "
+    w = build_weights(FLAGS.model, workdir)
+    log(f"# {FLAGS.model}: UNet {n_params(w.teacher):.1f}M (+cond_proj {n_params(w.lcm) - n_params(w.teacher):.2f}M), "
         f"VAE {n_params(w.vae):.1f}M, text {n_params(w.text):.1f}M params; {size}x{size}, 1 image, "
         f"guidance {GUIDANCE}; jax {jax.__version__} on {jax.devices()[0].platform} x{os.cpu_count()} cores; "
         f"random weights built in {time.perf_counter() - t0:.0f}s")
@@ -220,11 +220,11 @@ def main(argv=None):
     plan = [("lcm", s, lcm_pipe) for s in lcm_steps] + [(n, s, teacher_pipe) for n, s in teacher]
     results = {}
     for sched, steps, pipe in plan:
-        r = results[(sched, steps)] = time_call(sampler_call(pipe, sched, steps, size), repeats, args.max_repeat_s)
+        r = results[(sched, steps)] = time_call(sampler_call(pipe, sched, steps, size), repeats, FLAGS.max_repeat_s)
         log(f"{row_name(sched, steps)}: compile {r.compile_s:.1f}s, latency {r.wall_s:.3f}s (cpu {r.cpu_s:.2f}s)")
 
     ref = results.get(("ddim", 50))
-    log(f"\n## JAX samplers, {args.model}, {size}x{size}, {dtype_name} "
+    log(f"\n## JAX samplers, {FLAGS.model}, {size}x{size}, {dtype_name} "
         f"(median of {repeats} call(s) after the compiling one)\n")
     log("| sampler | UNet evals (batch) | compile s | latency s | CPU s | DDIM-50 + CFG / this (latency) |")
     log("|---|---|---|---|---|---|")
@@ -246,7 +246,7 @@ def main(argv=None):
             jax_lcm4[d] = results[("lcm", 4)]
             continue
         pipe = make_pipe(w, True, jnp.bfloat16 if d == "bfloat16" else jnp.float32)
-        r = jax_lcm4[d] = time_call(sampler_call(pipe, "lcm", 4, size), max(repeats, 1), args.max_repeat_s)
+        r = jax_lcm4[d] = time_call(sampler_call(pipe, "lcm", 4, size), max(repeats, 1), FLAGS.max_repeat_s)
         log(f"JAX LCM-4 {d}: compile {r.compile_s:.1f}s, latency {r.wall_s:.3f}s (cpu {r.cpu_s:.2f}s)")
         del pipe
     folder = os.path.join(workdir, "lcm")
@@ -271,7 +271,7 @@ def main(argv=None):
                 pipe(PROMPT, num_inference_steps=4, guidance_scale=GUIDANCE, height=size, width=size,
                      generator=torch.Generator().manual_seed(0), output_type="np")
 
-        r = torch_lcm4[d] = time_call(run, max(repeats, 1), args.max_repeat_s, jax_compiles=False)
+        r = torch_lcm4[d] = time_call(run, max(repeats, 1), FLAGS.max_repeat_s, jax_compiles=False)
         log(f"diffusers LCM-4 {d}: first call {r.compile_s:.2f}s, latency {r.wall_s:.3f}s (cpu {r.cpu_s:.2f}s)")
         del pipe
         gc.collect()
@@ -300,4 +300,4 @@ def row_name(scheduler: str, steps: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

@@ -5,14 +5,13 @@ call), torch/jax ratio, JAX trace+compile time, FLOPs from XLA's cost analysis, 
 FLOP/s and that as a share of a plain JAX matmul's FLOP/s measured in the same run, and
 max |jax - torch| of the outputs. See benchmarks/README.md.
 
-    python benchmarks/unet_forward.py                 # small + SD-size UNet and VAE decode
-    python benchmarks/unet_forward.py --quick         # no SD-size VAE, fewer repeats
-    python benchmarks/unet_forward.py --sizes small --models unet --dtypes float32
-    python benchmarks/unet_forward.py --convs --dtypes float32   # per-op 3x3 conv rates instead
+    python -m benchmarks.unet_forward                 # small + SD-size UNet and VAE decode
+    python -m benchmarks.unet_forward --quick         # no SD-size VAE, fewer repeats
+    python -m benchmarks.unet_forward --sizes=small --models=unet --dtypes=float32
+    python -m benchmarks.unet_forward --convs --dtypes=float32   # per-op 3x3 conv rates instead
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -24,10 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from absl import app, flags
 
 from lcm_jax.models import unet as unet_lib
 from lcm_jax.models import vae as vae_lib
 from lcm_jax.weights import torch_to_flax
+
+flags.DEFINE_string("models", "unet,vae", "comma list of unet, vae")
+flags.DEFINE_string("sizes", "small,sd", "comma list of small, sd")
+flags.DEFINE_string("dtypes", "float32,bfloat16", "comma list of float32, bfloat16")
+flags.DEFINE_integer("repeats", None, "timed calls per (model, dtype) after one warm-up (default: small 5, "
+                     "SD UNet 3, SD VAE 1; --quick: 3, 2, skipped)")
+flags.DEFINE_bool("quick", False, "skip the SD-size VAE decode; fewer repeats")
+flags.DEFINE_float("torch_budget", 600.0, "skip a torch run whose estimated time (XLA FLOPs / torch's measured "
+                   "3x3-conv FLOP/s in that dtype) exceeds this many seconds, and print the estimate (~)")
+flags.DEFINE_bool("convs", False,
+                  "print GFLOP/s of SD's 3x3 convs (XLA conv, im2col + dot, torch) instead of the models")
+FLAGS = flags.FLAGS
 
 DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
 
@@ -153,7 +165,7 @@ def matmul_flops_per_s(jdtype, tdtype, n: int = 2048, repeats: int = 5) -> tuple
 
 
 def torch_conv_flops_per_s(tdtype, repeats: int = 3) -> float:
-    """FLOP/s of a 3x3 128->128 conv on 32x32 in torch: the estimate behind --torch-budget."""
+    """FLOP/s of a 3x3 128->128 conv on 32x32 in torch: the estimate behind --torch_budget."""
     x = torch.randn(1, 128, 32, 32).to(tdtype)
     conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(tdtype)
     with torch.inference_mode():
@@ -250,21 +262,9 @@ HEADER = (f"{'model':<16} {'dtype':<8} {'n':>2} {'jax_s':>8} {'torch_s':>8} {'t/
           f"{'GFLOP':>8} {'GFLOP/s':>7} {'%mm':>6} {'max|diff|':>9} {'max|ref|':>8}")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="unet,vae", help="comma list of unet, vae")
-    p.add_argument("--sizes", default="small,sd", help="comma list of small, sd")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls per (model, dtype) after one warm-up (default: small 5, SD UNet 3, "
-                        "SD VAE 1; --quick: 3, 2, skipped)")
-    p.add_argument("--quick", action="store_true", help="skip the SD-size VAE decode; fewer repeats")
-    p.add_argument("--torch-budget", type=float, default=600.0,
-                   help="skip a torch run whose estimated time (XLA FLOPs / torch's measured 3x3-conv "
-                        "FLOP/s in that dtype) exceeds this many seconds, and print the estimate (~)")
-    p.add_argument("--convs", action="store_true",
-                   help="print GFLOP/s of SD's 3x3 convs (XLA conv, im2col + dot, torch) instead of the models")
-    args = p.parse_args(argv)
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to()
     threads = len(os.sched_getaffinity(0))
@@ -277,7 +277,7 @@ def main(argv=None) -> None:
           f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
     # float32 first: torch models are cast in place, and bf16 -> fp32 would not restore the weights
-    dtypes = sorted(args.dtypes.split(","), key=lambda d: d != "float32")
+    dtypes = sorted(FLAGS.dtypes.split(","), key=lambda d: d != "float32")
     rates = {}
     for d in dtypes:
         jm, tmm, tn = matmul_flops_per_s(*DTYPES[d])
@@ -286,7 +286,7 @@ def main(argv=None) -> None:
         print(f"# {d}: matmul jax (2048^3) {jm / 1e9:.1f} GFLOP/s, torch ({tn}^3) {tmm / 1e9:.1f} GFLOP/s; "
               f"torch 3x3 conv (128ch, 32x32) {tc / 1e9:.1f} GFLOP/s", flush=True)
 
-    if args.convs:
+    if FLAGS.convs:
         print(f"# 3x3 conv GFLOP/s (median of 3): {'map, in -> out':>22} {'xla conv':>9} {'im2col':>7} {'torch':>6}")
         for d in dtypes:
             for hw, cin, cout in CONV_SHAPES:
@@ -296,24 +296,24 @@ def main(argv=None) -> None:
         return
 
     plan = []
-    for m in args.models.split(","):
-        for s in args.sizes.split(","):
-            if m == "vae" and s == "sd" and args.quick:
+    for m in FLAGS.models.split(","):
+        for s in FLAGS.sizes.split(","):
+            if m == "vae" and s == "sd" and FLAGS.quick:
                 continue
-            default = {"small": 3 if args.quick else 5, "sd": (2 if args.quick else 3) if m == "unet" else 1}[s]
-            plan.append((m, s, args.repeats or default))
+            default = {"small": 3 if FLAGS.quick else 5, "sd": (2 if FLAGS.quick else 3) if m == "unet" else 1}[s]
+            plan.append((m, s, FLAGS.repeats or default))
     print(HEADER, flush=True)
     for m, s, repeats in plan:
         case = {"unet": unet_case, "vae": vae_case}[m](s)
         for d in dtypes:
-            r = run_case(case, d, repeats, rates[d][0], args.torch_budget, rates[d][1])
+            r = run_case(case, d, repeats, rates[d][0], FLAGS.torch_budget, rates[d][1])
             print(_fmt_row(r), flush=True)
         del case
     print("# jax_s/torch_s: median seconds per call; t/jax: torch_s / jax_s (>1: JAX faster); comp_s: JAX "
           "trace+compile; GFLOP: XLA cost analysis (GPU lowering); %mm: GFLOP/s as a share of the JAX "
           "matmul's above; "
-          "~: torch not run, estimated (see --torch-budget)")
+          "~: torch not run, estimated (see --torch_budget)")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
