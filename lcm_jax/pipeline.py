@@ -116,6 +116,9 @@ class LCMPipeline(LoraAdapters):
                         unet_overrides: Optional[dict] = None, zero_init_cond_proj: bool = True) -> "LCMPipeline":
         """Load a diffusers-layout folder. The params go to the device(s) once, here, as ``param_dtype``
         (default: the compute ``dtype``; the trainer keeps float32 masters), so no call re-sends them.
+        A bfloat16 pipeline so holds bfloat16 weights: ``save_pretrained`` writes them as they are,
+        ``fuse_lora`` rounds in bfloat16, and a latent cache's identity (float32 weights) differs;
+        pass ``param_dtype="float32"`` to keep float32 weights with bfloat16 compute.
         ``mesh``: a jax.sharding.Mesh over ('data', 'fsdp', 'tensor') to sample over (the batch split
         over data x fsdp, padded to it; params replicated, or sharded by the partition rules when
         fsdp / tensor > 1, for a model one chip cannot hold), ``"auto"`` (every local accelerator on
@@ -303,7 +306,7 @@ class LCMPipeline(LoraAdapters):
             timesteps = (lcm_timesteps if scheduler == "lcm" else mlcd_timesteps)(
                 int(num_inference_steps), self.schedule.num_train_timesteps, self.schedule.original_inference_steps)
         # every host value goes to the device explicitly (the params are there already)
-        rng = jax.random.PRNGKey(jax.device_put(np.uint32(seed)))
+        rng = jax.random.PRNGKey(jax.device_put(np.uint32(int(seed) % 2 ** 32)))  # (the int32 seed's key)
         rng_latents, rng_steps = jax.random.split(rng)
         z = jax.device_put(latents) if latents is not None else jax.random.normal(rng_latents, shape)
         pad = lambda x, axis=0: None if x is None else self._split(_pad(x, n_pad - n, axis), axis)  # noqa: E731

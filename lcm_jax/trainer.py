@@ -217,9 +217,9 @@ def train(config, workdir: str) -> str:
             if is_main:
                 params = params if full is None else jax.device_get(full(pipe.unet_params, params))
                 _sample_grids(pipe, student, params, config, os.path.join(workdir, "samples", f"step_{step:07d}"))
-        if evaluate is not None and step % config.eval_every == 0:
-            params = _export_params(state, spec, config)
-            return evaluate(student, params if full is None else full(frozen["teacher"], params))
+        if evaluate is not None and step % config.eval_every == 0:  # (host params: every process joins the
+            params = _host_params(state, spec, config)          # gather; a pipeline samples on its own devices)
+            return evaluate(student, params if full is None else jax.device_get(full(pipe.unet_params, params)))
         return None
 
     try:

@@ -181,6 +181,7 @@ def test_weights_stay_on_the_device(sd_dir, lcm_dir, tmp_path):
         first = call()
         with jax.transfer_guard_host_to_device("disallow"):
             np.testing.assert_array_equal(call(), first)
+    np.testing.assert_array_equal(lcm(["a cat"], 2, 8.0, seed=-1), lcm(["a cat"], 2, 8.0, seed=2 ** 32 - 1))
     leaves = jax.tree.leaves((lcm.unet_params, lcm.vae_params, lcm.text_params))
     assert all(isinstance(x, jax.Array) for x in leaves)
     half = LCMPipeline.from_pretrained(sd_dir[0], dtype="bfloat16")

@@ -52,8 +52,14 @@ def attention_implementation(platform: str, dtype, q_shape: tuple, k_shape: tupl
 
 
 def _gpu_capability() -> Optional[float]:
-    cap = getattr(jax.devices()[0], "compute_capability", None)
-    return float(cap) if cap else None
+    """An NVIDIA device's compute capability (9.0 for Hopper); None elsewhere (ROCm names an arch, "gfx90a")."""
+    device = jax.devices()[0]
+    if "cuda" not in getattr(device.client, "platform_version", "").lower():
+        return None
+    try:
+        return float(device.compute_capability)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:

@@ -37,8 +37,8 @@ def place(params: Any, dtype: Any = None, mesh: Optional[Mesh] = None, device: b
     params = jax.tree.map(leaf, params)
     if not device:
         return params
-    params = jax.device_put(params)
-    return params if mesh is None else jax.device_put(params, sharding.tree_shardings(params, mesh))
+    # straight to the mesh's shardings: no whole copy on the default device first
+    return jax.device_put(params) if mesh is None else jax.device_put(params, sharding.tree_shardings(params, mesh))
 
 
 def init_shapes(module, *args, method=None):
