@@ -309,7 +309,10 @@ class LCMPipeline(LoraAdapters):
         rng = jax.random.PRNGKey(jax.device_put(np.uint32(int(seed) % 2 ** 32)))  # (the int32 seed's key)
         rng_latents, rng_steps = jax.random.split(rng)
         z = jax.device_put(latents) if latents is not None else jax.random.normal(rng_latents, shape)
-        pad = lambda x, axis=0: None if x is None else self._split(_pad(x, n_pad - n, axis), axis)  # noqa: E731
+        def pad(x, axis=0):  # [..., n, ...] -> [..., n_pad, ...] split over the mesh; as is without padding
+            if x is None or n_pad == n and self.mesh is None:
+                return x
+            return self._split(_pad(x, n_pad - n, axis) if n_pad > n else x, axis)
 
         cond, pooled = self.encode_prompt(prompts, return_pooled=True)
         cond = jnp.repeat(cond, num_images_per_prompt, axis=0)  # [N, L, D]
